@@ -1,0 +1,228 @@
+"""VOC, COCO and HF exports: read back the way the toolkits read them, masks equal ours."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.export import assign_splits, sample_name
+from diffumask_datasets.export.coco import export_coco
+from diffumask_datasets.export.voc import export_voc, voc_colormap
+
+# Non-contiguous ids, as a definition with the 20 VOC classes gives bird and dog.
+CLASS_NAMES = {3: "bird", 12: "dog"}
+
+
+@dataclass
+class FakeRecord:
+    index: int
+    image: Image.Image
+    mask: np.ndarray
+    prompt: str
+    seed: int
+    classes: list[str]
+    quality: float
+    attention: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+def synthetic_mask(rng: np.random.Generator, size: int = 48) -> np.ndarray:
+    """Blobs of both classes, single pixels, diagonal-only contacts, border touches and
+    an ignore band: every case the component split must get right."""
+    mask = np.zeros((size, size), np.uint8)
+    for class_id in CLASS_NAMES:
+        for _ in range(rng.integers(1, 4)):
+            y, x = rng.integers(0, size - 8, 2)
+            h, w = rng.integers(2, 12, 2)
+            mask[y : y + h, x : x + w] = class_id
+    mask[0, :5] = 3  # touches the border
+    mask[size - 1, size - 1] = 12  # one pixel
+    mask[20, 20] = mask[21, 21] = 3  # 8-connected diagonal pair
+    mask[rng.random((size, size)) < 0.03] = 255
+    return mask
+
+
+def make_records(n: int = 6, size: int = 48) -> list[FakeRecord]:
+    rng = np.random.default_rng(0)
+    records = []
+    for index in range(n):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        records.append(
+            FakeRecord(
+                index=index,
+                image=Image.fromarray(pixels),
+                mask=synthetic_mask(rng, size),
+                prompt=f"a photo of a {CLASS_NAMES[3 if index % 2 else 12]}",
+                seed=1000 + index,
+                classes=["bird" if index % 2 else "dog"],
+                quality=float(rng.random()),
+            )
+        )
+    return records
+
+
+def read_voc_like_torchvision(root: Path, image_set: str) -> list[tuple[Image.Image, Image.Image]]:
+    # The steps of torchvision.datasets.VOCSegmentation (year "2012"), which cannot be
+    # imported next to the CPU torch here: root/VOCdevkit/VOC2012, the split file's
+    # stripped lines, <name>.jpg and <name>.png, image converted to RGB, target as is.
+    voc_root = os.path.join(root, "VOCdevkit/VOC2012")
+    assert os.path.isdir(voc_root)
+    split_f = os.path.join(voc_root, "ImageSets/Segmentation", image_set.rstrip("\n") + ".txt")
+    with open(split_f) as f:
+        file_names = [x.strip() for x in f.readlines()]
+    images = [os.path.join(voc_root, "JPEGImages", x + ".jpg") for x in file_names]
+    masks = [os.path.join(voc_root, "SegmentationClass", x + ".png") for x in file_names]
+    pairs = zip(images, masks, strict=True)
+    return [(Image.open(i).convert("RGB"), Image.open(m)) for i, m in pairs]
+
+
+def test_voc_colormap_is_the_standard_one():
+    cmap = voc_colormap()
+    assert cmap.shape == (256, 3) and cmap.dtype == np.uint8
+    assert cmap[0].tolist() == [0, 0, 0]
+    assert cmap[1].tolist() == [128, 0, 0]  # aeroplane
+    assert cmap[3].tolist() == [128, 128, 0]  # bird
+    assert cmap[12].tolist() == [64, 0, 128]  # dog
+    assert cmap[15].tolist() == [192, 128, 128]  # person
+    assert cmap[255].tolist() == [224, 224, 192]  # the ignore/boundary colour
+    assert len({tuple(c) for c in cmap.tolist()}) == 256  # every id its own colour
+
+
+def test_voc_export_reads_back_like_torchvision(tmp_path):
+    records = make_records(8)
+    summary = export_voc(records, CLASS_NAMES, tmp_path / "V", val_fraction=0.25)
+    by_name = {sample_name(r.index): r for r in records}
+    voc = tmp_path / "V" / "VOCdevkit" / "VOC2012"
+    split_files = {
+        s: (voc / "ImageSets/Segmentation" / f"{s}.txt").read_text().split()
+        for s in ("train", "val", "trainval")
+    }
+    assert len(split_files["val"]) == 2 and len(split_files["train"]) == 6
+    assert sorted(split_files["train"] + split_files["val"]) == sorted(split_files["trainval"])
+    assert sorted(split_files["trainval"]) == sorted(by_name)
+    assert summary.splits["val"] == split_files["val"]
+    for image_set in ("train", "val", "trainval"):
+        pairs = read_voc_like_torchvision(tmp_path / "V", image_set)
+        assert len(pairs) == len(split_files[image_set])
+        for name, (image, target) in zip(split_files[image_set], pairs, strict=True):
+            record = by_name[name]
+            assert target.mode == "P"
+            palette = np.array(target.getpalette()[: 256 * 3]).reshape(256, 3)
+            assert (palette == voc_colormap()).all()
+            np.testing.assert_array_equal(np.array(target), record.mask)
+            assert image.size == record.image.size
+            # JPEG is lossy; noise images are its worst case, so only a loose bound.
+            diff = np.abs(np.asarray(image, float) - np.asarray(record.image, float))
+            assert diff.mean() < 20
+    # mmsegmentation reads ann_file lines + suffixes, and the PNG with pillow 'unchanged'.
+    info = json.loads((voc / "diffumask.json").read_text())
+    assert info["mmseg_classes"][3] == "bird" and info["mmseg_classes"][12] == "dog"
+    assert info["mmseg_classes"][0] == "background" and len(info["mmseg_classes"]) == 13
+    assert info["ignore_index"] == 255
+
+
+def test_coco_export_round_trips_through_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+    from scipy import ndimage
+
+    records = make_records(6)
+    summary = export_coco(records, CLASS_NAMES, tmp_path / "C", val_fraction=0.3)
+    by_index = {r.index: r for r in records}
+    seen = []
+    for split in ("train", "val"):
+        coco = COCO(str(tmp_path / "C" / "annotations" / f"instances_{split}.json"))
+        cats = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+        assert cats == CLASS_NAMES
+        for image_id in coco.getImgIds():
+            entry = coco.loadImgs(image_id)[0]
+            record = by_index[entry["diffumask_index"]]
+            seen.append(record.index)
+            assert entry["file_name"] == f"{sample_name(record.index)}.png"
+            image = Image.open(tmp_path / "C" / "images" / split / entry["file_name"])
+            np.testing.assert_array_equal(np.asarray(image), np.asarray(record.image))
+            semantic = Image.open(tmp_path / "C" / "semantic" / split / entry["file_name"])
+            assert semantic.mode == "L"
+            np.testing.assert_array_equal(np.asarray(semantic), record.mask)
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+            covered = np.zeros(record.mask.shape, np.int32)
+            for class_id in CLASS_NAMES:
+                union = np.zeros(record.mask.shape, bool)
+                regions = [a for a in anns if a["category_id"] == class_id]
+                _, n_components = ndimage.label(record.mask == class_id, np.ones((3, 3)))
+                assert len(regions) == n_components
+                for ann in regions:
+                    decoded = coco.annToMask(ann).astype(bool)
+                    assert ann["iscrowd"] == 0
+                    assert ann["area"] == decoded.sum()
+                    ys, xs = np.nonzero(decoded)
+                    x0, y0 = xs.min(), ys.min()
+                    w, h = xs.max() - x0 + 1, ys.max() - y0 + 1
+                    assert ann["bbox"] == [x0, y0, w, h]
+                    assert ndimage.label(decoded, np.ones((3, 3)))[1] == 1
+                    union |= decoded
+                    covered += decoded
+                np.testing.assert_array_equal(union, record.mask == class_id)
+            assert covered.max() <= 1  # annotations never overlap
+            assert not covered[record.mask == 255].any()  # ignore is in no annotation
+    assert sorted(seen) == sorted(by_index)
+    assert summary.details["annotations"] > len(records) * 2
+
+
+def test_assign_splits_is_deterministic_and_exact():
+    indices = list(range(50))
+    first = assign_splits(indices, 0.2)
+    assert first == assign_splits(list(reversed(indices)), 0.2)
+    assert sum(s == "val" for s in first.values()) == 10
+    assert all(s == "train" for s in assign_splits(indices, 0.0).values())
+    assert sum(s == "val" for s in assign_splits([0, 1, 2], 0.01).values()) == 1
+    assert sum(s == "val" for s in assign_splits([0, 1], 0.9).values()) == 1
+    # a different set of samples gives a different val set, not always the first ones
+    assert {i for i, s in first.items() if s == "val"} != set(range(10))
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(DiffuMaskError, match="val-fraction"):
+            assign_splits(indices, bad)
+
+
+@pytest.mark.parametrize("export", [export_voc, export_coco])
+def test_export_refuses_non_empty_destination_and_overwrites_whole(tmp_path, export):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    with pytest.raises(DiffuMaskError, match="not empty.*--overwrite"):
+        export(make_records(2), CLASS_NAMES, dest)
+    assert (dest / "keep.txt").read_text() == "mine"
+    export(make_records(2), CLASS_NAMES, dest, overwrite=True)
+    assert not (dest / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folders left
+
+
+@pytest.mark.parametrize("export", [export_voc, export_coco])
+def test_failed_export_leaves_nothing_behind(tmp_path, export):
+    records = make_records(3)
+    records[2].mask = records[2].mask[:10]  # corrupt: mask smaller than its image
+    with pytest.raises(DiffuMaskError, match="sample 2"):
+        export(records, CLASS_NAMES, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_unknown_class_ids(tmp_path):
+    records = make_records(1)
+    records[0].mask[0, 0] = 7
+    with pytest.raises(DiffuMaskError, match=r"\[7\]"):
+        export_coco(records, CLASS_NAMES, tmp_path / "C")
+
+
+def test_export_refuses_a_destination_overlapping_the_store(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    with pytest.raises(DiffuMaskError, match="overlaps the store"):
+        export_voc(make_records(1), CLASS_NAMES, store / "voc", source=store)
+    with pytest.raises(DiffuMaskError, match="overlaps the store"):
+        export_voc(make_records(1), CLASS_NAMES, tmp_path, overwrite=True, source=store)
