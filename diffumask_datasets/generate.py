@@ -1,0 +1,216 @@
+"""The engine: prompts in, samples (image, mask, attention, quality) out, batched."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .capture import CaptureOptions, capture, default_affinity_factor
+from .errors import DiffuMaskError
+from .models import load_pipeline, model_name
+from .refine import Refinement, refine
+from .sample import Sample
+from .tokens import class_token_indices
+
+
+def sample_seed(base: int, index: int) -> int:
+    """The seed of sample `index` of a run with base seed `base`: a hash, so that runs with
+    neighbouring base seeds share no samples, and below 2**63 for torch.Generator."""
+    digest = hashlib.sha256(f"diffumask:{int(base)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _as_class_lists(prompts: Sequence[str], classes: Sequence[Any]) -> list[list[str]]:
+    if len(classes) != len(prompts):
+        raise DiffuMaskError(
+            f"classes has {len(classes)} entries for {len(prompts)} prompts; give one list of "
+            'class names per prompt, e.g. classes=[["bird"]] for one prompt'
+        )
+    lists = [[c] if isinstance(c, str) else list(c) for c in classes]
+    for prompt, names in zip(prompts, lists, strict=True):
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise DiffuMaskError(f"prompt {prompt!r} needs at least one class name, got {names!r}")
+    return lists
+
+
+def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
+    if isinstance(seed, int | np.integer):
+        return [sample_seed(int(seed), i) for i in range(count)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise DiffuMaskError(f"seed has {len(seeds)} values for {count} prompts; give one each")
+    return seeds
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise DiffuMaskError(f"{name}={value!r} must be a positive integer")
+    return int(value)
+
+
+class DiffuMask:
+    """Generate images with a diffusion pipeline and masks from its cross-attention.
+
+    dm = DiffuMask("builtin:tiny-random")
+    samples = dm(["a photo of a bird"], classes=[["bird"]], seed=0,
+                 num_inference_steps=4, height=64, width=64)
+    """
+
+    def __init__(self, model: Any = "builtin:tiny-random", device: str | None = None, dtype=None):
+        self.model = model_name(model)
+        self.pipe = load_pipeline(model, device=device, dtype=dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @property
+    def latent_scale(self) -> int:
+        return int(getattr(self.pipe, "vae_scale_factor", 8))
+
+    def default_size(self) -> int:
+        return int(self.pipe.unet.config.sample_size) * self.latent_scale
+
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        classes: Sequence[Any],
+        seed: int | Sequence[int] = 0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int = 4,
+        negative_prompt: str | None = None,
+        class_ids: Mapping[str, int] | None = None,
+        synonyms: Mapping[str, Sequence[str]] | None = None,
+        refinement: Refinement | Mapping[str, Any] | str | None = None,
+        progress: bool = False,
+    ) -> list[Sample]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise DiffuMaskError("no prompts given")
+        class_lists = _as_class_lists(prompts, classes)
+        seeds = _seeds(seed, len(prompts))
+        steps = _check_positive_int("num_inference_steps", num_inference_steps)
+        batch_size = _check_positive_int("batch_size", batch_size)
+        height = _check_positive_int("height", height or self.default_size())
+        width = _check_positive_int("width", width or self.default_size())
+        for name, value in (("height", height), ("width", width)):
+            if value % self.latent_scale:
+                raise DiffuMaskError(
+                    f"{name}={value} is not a multiple of {self.latent_scale}, the model's "
+                    "latent scale; round it to one"
+                )
+        params = Refinement.from_any(refinement)
+        ids = dict(class_ids) if class_ids is not None else {}
+        for names in class_lists:
+            for name in names:
+                if class_ids is None:
+                    ids.setdefault(name, len(ids) + 1)
+                elif name not in ids:
+                    raise DiffuMaskError(
+                        f"class {name!r} has no id in class_ids; known: {sorted(ids)}"
+                    )
+        # Every prompt's class tokens are found before anything is generated, so a
+        # misspelt class fails in a second, not after an hour of sampling.
+        tokenizer = self.pipe.tokenizer
+        token_indices = [
+            class_token_indices(tokenizer, p, names, synonyms)
+            for p, names in zip(prompts, class_lists, strict=True)
+        ]
+        options = CaptureOptions(
+            cross_factors=params.cross_factors,
+            steps=params.steps,
+            affinity_factor=(params.affinity_factor or default_affinity_factor(self.pipe.unet))
+            if params.needs_affinity
+            else None,
+            conditional_half=guidance_scale > 1,
+        )
+        settings = {
+            "negative_prompt": negative_prompt,
+            "num_inference_steps": steps,
+            "guidance_scale": float(guidance_scale),
+            "height": height,
+            "width": width,
+        }
+        samples: list[Sample] = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompts), desc="generating", unit="image")
+        for start in range(0, len(prompts), batch_size):
+            batch = slice(start, start + batch_size)
+            samples += self._batch(
+                prompts[batch], token_indices[batch], seeds[batch], ids, options, params, settings
+            )
+            if bar is not None:
+                bar.update(len(prompts[batch]))
+        if bar is not None:
+            bar.close()
+        return samples
+
+    def _latents(self, seeds: Sequence[int], height: int, width: int):
+        import torch
+
+        unet = self.pipe.unet
+        shape = (unet.config.in_channels, height // self.latent_scale, width // self.latent_scale)
+        # Drawn on the CPU one sample at a time: a sample's noise depends on its seed
+        # alone, not on its batch or the device.
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        return torch.stack(noise).to(device=unet.device, dtype=unet.dtype)
+
+    def _batch(self, prompts, token_indices, seeds, class_ids, options, params, settings):
+        tokens = [sorted({p for positions in t.values() for p in positions}) for t in token_indices]
+        latents = self._latents(seeds, settings["height"], settings["width"])
+        negative = settings["negative_prompt"]
+        with capture(self.pipe, tokens, options) as cap:
+            images = self.pipe(
+                prompt=list(prompts),
+                negative_prompt=[negative] * len(prompts) if negative else None,
+                num_inference_steps=settings["num_inference_steps"],
+                guidance_scale=settings["guidance_scale"],
+                height=settings["height"],
+                width=settings["width"],
+                latents=latents,
+                output_type="pil",
+            ).images
+        captured = cap.result()
+        samples = []
+        for i, (prompt, seed, positions) in enumerate(
+            zip(prompts, seeds, token_indices, strict=True)
+        ):
+            class_maps = {name: captured.token_maps(i, p) for name, p in positions.items()}
+            refined = refine(
+                class_maps,
+                class_ids,
+                (settings["height"], settings["width"]),
+                params,
+                affinity=None if captured.affinity is None else captured.affinity[i],
+                affinity_size=captured.affinity_size,
+            )
+            meta = {
+                "prompt": prompt,
+                "seed": seed,
+                "model": self.model,
+                **settings,
+                "classes": list(positions),
+                "class_ids": {name: class_ids[name] for name in positions},
+                "token_indices": positions,
+                "refinement": {
+                    "method": params.method,
+                    "params": params.to_dict(),
+                    "chain": refined.chain,
+                },
+            }
+            samples.append(
+                Sample(
+                    image=images[i].convert("RGB"),
+                    mask=refined.mask,
+                    attention=refined.attention,
+                    quality=refined.quality,
+                    meta=meta,
+                )
+            )
+        return samples
