@@ -133,7 +133,9 @@ def test_coco_export_round_trips_through_pycocotools(tmp_path):
     from scipy import ndimage
 
     records = make_records(6)
-    summary = export_coco(records, CLASS_NAMES, tmp_path / "C", val_fraction=0.3)
+    # a store's class_names carry background at 0: it is no COCO category
+    with_background = {0: "background", **CLASS_NAMES}
+    summary = export_coco(records, with_background, tmp_path / "C", val_fraction=0.3)
     by_index = {r.index: r for r in records}
     seen = []
     for split in ("train", "val"):

@@ -99,10 +99,13 @@ def split_names(split_of: Mapping[int, str]) -> dict[str, list[str]]:
 
 
 def check_class_names(class_names: Mapping[int, str]) -> dict[int, str]:
-    """Class ids must fit a uint8 mask next to background 0 and ignore 255."""
+    """The object classes {id: name}, sorted by id; background (0) is dropped when given.
+    Class ids must fit a uint8 mask next to background 0 and ignore 255."""
     checked = {}
     for class_id, name in class_names.items():
         class_id = int(class_id)
+        if class_id == 0:
+            continue
         if not 1 <= class_id <= 254:
             raise DiffuMaskError(
                 f"class id {class_id} ({name!r}) does not fit a uint8 mask; "
