@@ -1,0 +1,163 @@
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
+
+from diffumask_datasets.capture import (
+    CaptureOptions,
+    CaptureProcessor,
+    _Store,
+    capture,
+    layer_factors,
+)
+from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.models import load_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = load_pipeline("builtin:tiny-random")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, prompts, latents, **kwargs):
+    kwargs = {"num_inference_steps": 3, "height": 64, "width": 64, "output_type": "np", **kwargs}
+    return pipe(prompt=prompts, latents=latents.clone(), **kwargs).images
+
+
+def latents(n, seed=0):
+    return torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def test_probabilities_equal_reference_softmax(pipe):
+    attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    torch.manual_seed(0)
+    prompts, queries = 2, 64
+    hidden = torch.randn(2 * prompts, queries, attn.query_dim)
+    context = torch.randn(2 * prompts, 77, attn.cross_attention_dim)
+    columns = [[1, 2], [5]]
+    store = _Store(columns, CaptureOptions())
+    store.begin_step(torch.zeros(1, 4, 8, 8))
+    with torch.no_grad():
+        CaptureProcessor(store, cross=True)(attn, hidden, context)
+        q = attn.to_q(hidden[prompts:])
+        k = attn.to_k(context[prompts:])
+    heads, dim = attn.heads, q.shape[-1] // attn.heads
+    q = q.view(prompts, queries, heads, dim).transpose(1, 2)
+    k = k.view(prompts, 77, heads, dim).transpose(1, 2)
+    reference = torch.softmax(q @ k.transpose(-1, -2) * dim**-0.5, dim=-1).mean(dim=1)
+    got = store.result().cross[(8, 8)]  # [prompts, columns, 8, 8]
+    for p, cols in enumerate(columns):
+        for c, token in enumerate(cols):
+            expected = reference[p, :, token].reshape(8, 8).numpy()
+            np.testing.assert_allclose(got[p, c], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_capture_does_not_change_the_image(pipe):
+    noise = latents(2)
+    prompts = ["a photo of a bird", "a photo of a dog"]
+    plain = run(pipe, prompts, noise)
+    with capture(pipe, [[5], [5]], CaptureOptions(affinity_factor=1)) as cap:
+        captured = run(pipe, prompts, noise)
+    assert np.abs(plain - captured).max() <= 1 / 255
+    result = cap.result()
+    assert result.steps == 3
+    assert set(result.cross) == {(8, 8), (4, 4)}
+    assert result.cross[(8, 8)].shape == (2, 1, 8, 8)
+    # per resolution: one layer on the way down, two on the way up; the mid block's
+    # layer works at the coarsest one
+    assert result.layers == {(8, 8): 3, (4, 4): 4}
+    assert result.affinity.shape == (2, 64, 64)
+    np.testing.assert_allclose(result.affinity.sum(axis=-1), 1.0, rtol=1e-4)
+
+
+def test_maps_are_averages_of_probabilities(pipe):
+    with capture(pipe, [[1, 5]]) as cap:
+        run(pipe, ["a photo of a bird"], latents(1))
+    for maps in cap.result().cross.values():
+        assert maps.dtype == np.float32
+        assert (maps >= 0).all() and (maps <= 1).all()
+
+
+def test_step_range_accumulates_only_those_steps(pipe):
+    with capture(pipe, [[5]], CaptureOptions(steps=(1, 2))) as cap:
+        run(pipe, ["a photo of a bird"], latents(1))
+    assert cap.result().steps == 1
+
+
+def test_resolution_selection(pipe):
+    with capture(pipe, [[5]], CaptureOptions(cross_factors=(2,))) as cap:
+        run(pipe, ["a photo of a bird"], latents(1))
+    assert set(cap.result().cross) == {(4, 4)}
+    with pytest.raises(DiffuMaskError, match=r"no cross-attention at factor\(s\) \[8\]"):
+        with capture(pipe, [[5]], CaptureOptions(cross_factors=(8,))):
+            pass
+
+
+def test_without_guidance_the_whole_batch_is_read(pipe):
+    with capture(pipe, [[5]], CaptureOptions(conditional_half=False)) as cap:
+        run(pipe, ["a photo of a bird"], latents(1), guidance_scale=1.0)
+    assert cap.result().cross[(8, 8)].shape == (1, 1, 8, 8)
+
+
+def test_processors_restored_after_success_and_error(pipe):
+    before = dict(pipe.unet.attn_processors)
+    with capture(pipe, [[5]]):
+        assert any(isinstance(p, CaptureProcessor) for p in pipe.unet.attn_processors.values())
+    assert dict(pipe.unet.attn_processors) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(pipe, [[5]]):
+            raise RuntimeError("boom")
+    assert dict(pipe.unet.attn_processors) == before
+    assert not pipe.unet._forward_pre_hooks
+
+
+def test_unwrappable_processor_is_refused(pipe):
+    name = next(n for n in pipe.unet.attn_processors if ".attn2." in n)
+    originals = dict(pipe.unet.attn_processors)
+    pipe.unet.set_attn_processor({**originals, name: SlicedAttnProcessor(2)})
+    try:
+        with pytest.raises(DiffuMaskError, match=rf"{name}.*SlicedAttnProcessor"):
+            with capture(pipe, [[5]]):
+                pass
+    finally:
+        pipe.unet.set_attn_processor({**originals})
+    assert isinstance(pipe.unet.attn_processors[name], AttnProcessor2_0)
+
+
+def test_layer_factors_follow_the_block_structure(pipe):
+    factors = layer_factors(pipe.unet)
+    assert factors["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"] == 1
+    assert factors["down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"] == 2
+    assert factors["up_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"] == 2
+    assert factors["up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pipelines(dtype):
+    pipe = load_pipeline("builtin:tiny-random", dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        with capture(pipe, [[5]]) as cap:
+            run(pipe, ["a photo of a bird"], latents(1).to(dtype), num_inference_steps=2)
+    except RuntimeError as err:  # some CPU builds lack half kernels for convolutions
+        pytest.skip(f"{dtype} not runnable on this CPU: {err}")
+    maps = cap.result().cross[(8, 8)]
+    assert maps.dtype == np.float32 and np.isfinite(maps).all() and maps.max() > 0
+
+
+def test_sdxl_unet():
+    pipe = load_pipeline("builtin:tiny-random-xl")
+    pipe.set_progress_bar_config(disable=True)
+    with capture(pipe, [[5]], CaptureOptions(affinity_factor=2)) as cap:
+        pipe(
+            prompt="a photo of a bird",
+            latents=latents(1),
+            num_inference_steps=2,
+            height=64,
+            width=64,
+        )
+    result = cap.result()
+    assert set(result.cross) == {(4, 4)}
+    assert result.affinity.shape == (1, 16, 16)

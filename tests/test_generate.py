@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffumask_datasets import DiffuMask
+from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.generate import sample_seed
+from diffumask_datasets.models import BUILTINS, load_pipeline
+
+PROMPTS = ["a photo of a bird", "a dog and a cat on grass", "an aeroplane over the sea"]
+CLASSES = [["bird"], ["dog", "cat"], ["aeroplane"]]
+SMALL = {"num_inference_steps": 3, "height": 64, "width": 64}
+
+
+def test_contract_of_a_sample(tiny):
+    samples = tiny(PROMPTS[:2], classes=CLASSES[:2], seed=0, **SMALL)
+    assert len(samples) == 2
+    s = samples[1]
+    assert isinstance(s.image, Image.Image) and s.image.mode == "RGB" and s.image.size == (64, 64)
+    assert s.mask.dtype == np.uint8 and s.mask.shape == (64, 64)
+    assert set(np.unique(s.mask)) <= {0, 2, 3, 255}  # ids in order of first appearance
+    assert set(s.attention) == {"dog", "cat"}
+    for m in s.attention.values():
+        assert m.dtype == np.float32 and m.shape == (64, 64) and 0 <= m.min() <= m.max() <= 1
+    assert 0.0 <= s.quality <= 1.0
+    assert s.meta["prompt"] == PROMPTS[1]
+    assert s.meta["seed"] == sample_seed(0, 1)
+    assert s.meta["model"] == "builtin:tiny-random"
+    assert s.meta["num_inference_steps"] == 3
+    assert s.meta["class_ids"] == {"dog": 2, "cat": 3}
+    assert s.meta["refinement"]["method"] == "adaptive"
+    assert s.meta["refinement"]["chain"][-1]["step"] == "cleanup"
+
+
+def test_a_sample_does_not_depend_on_its_batch(tiny):
+    one_by_one = tiny(PROMPTS, classes=CLASSES, seed=7, batch_size=1, **SMALL)
+    together = tiny(PROMPTS, classes=CLASSES, seed=7, batch_size=3, **SMALL)
+    alone = tiny(PROMPTS[2:], classes=CLASSES[2:], seed=[sample_seed(7, 2)], **SMALL)
+    for a, b in zip(one_by_one, together, strict=True):
+        diff = np.abs(np.asarray(a.image, int) - np.asarray(b.image, int))
+        assert diff.max() <= 1
+        assert (a.mask == b.mask).mean() >= 0.99
+        for name in a.attention:
+            np.testing.assert_allclose(a.attention[name], b.attention[name], atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(alone[0].image), np.asarray(one_by_one[2].image))
+
+
+def test_deterministic(tiny):
+    a = tiny(PROMPTS[:1], classes=CLASSES[:1], seed=3, **SMALL)[0]
+    b = tiny(PROMPTS[:1], classes=CLASSES[:1], seed=3, **SMALL)[0]
+    c = tiny(PROMPTS[:1], classes=CLASSES[:1], seed=4, **SMALL)[0]
+    np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+    np.testing.assert_array_equal(a.mask, b.mask)
+    assert a.quality == b.quality
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+
+
+def test_seeds_are_spread():
+    seeds = {sample_seed(b, i) for b in range(4) for i in range(50)}
+    assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.parametrize("method", ["threshold", "affinity"])
+def test_methods_and_given_class_ids(tiny, method):
+    s = tiny(PROMPTS[:1], classes=CLASSES[:1], class_ids={"bird": 3}, refinement=method, **SMALL)
+    assert set(np.unique(s[0].mask)) <= {0, 3, 255}
+    assert s[0].meta["refinement"]["method"] == method
+
+
+def test_no_guidance(tiny):
+    s = tiny(PROMPTS[:1], classes=CLASSES[:1], guidance_scale=1.0, **SMALL)
+    assert s[0].mask.shape == (64, 64)
+
+
+def test_sdxl_architecture():
+    dm = DiffuMask("builtin:tiny-random-xl")
+    s = dm(PROMPTS[:1], classes=CLASSES[:1], **SMALL)[0]
+    assert s.mask.shape == (64, 64) and set(s.attention) == {"bird"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"classes": [["bird"]]}, r"classes has 1 entries for 3 prompts"),
+        ({"classes": [["bird"], [], ["x"]]}, r"needs at least one class name"),
+        ({"classes": [["bird"], ["dog"], ["cow"]]}, r"class 'cow' does not appear in prompt"),
+        ({"num_inference_steps": 0}, r"num_inference_steps=0 must be a positive integer"),
+        ({"height": 60}, r"height=60 is not a multiple of 8"),
+        ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
+        ({"seed": [1, 2]}, r"seed has 2 values for 3 prompts"),
+        ({"class_ids": {"bird": 1}}, r"class 'dog' has no id in class_ids"),
+        ({"refinement": "crf"}, r"refinement method 'crf' is unknown"),
+    ],
+)
+def test_bad_input_is_named(tiny, kwargs, message):
+    args = {"classes": CLASSES, **SMALL, **kwargs}
+    with pytest.raises(DiffuMaskError, match=message):
+        tiny(PROMPTS, **args)
+
+
+def test_unknown_builtin_lists_the_builtins():
+    with pytest.raises(DiffuMaskError, match=r"builtin:tiny-random, builtin:tiny-random-xl"):
+        load_pipeline("builtin:huge")
+
+
+def test_hub_model_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DiffuMaskError) as err:
+        load_pipeline("someone/not-a-cached-model")
+    message = str(err.value)
+    assert "'someone/not-a-cached-model'" in message and "HF_HUB_OFFLINE" in message
+    assert all(alias in message for alias in BUILTINS)
+
+
+def test_local_folder_round_trip(tmp_path, tiny):
+    tiny.pipe.save_pretrained(tmp_path / "model", safe_serialization=True)
+    dm = DiffuMask(str(tmp_path / "model"))
+    a = dm(PROMPTS[:1], classes=CLASSES[:1], **SMALL)[0]
+    b = tiny(PROMPTS[:1], classes=CLASSES[:1], **SMALL)[0]
+    np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def test_pipeline_object_is_used_as_is(tiny):
+    assert DiffuMask(tiny.pipe).pipe is tiny.pipe
+
+
+def test_not_a_pipeline():
+    with pytest.raises(DiffuMaskError, match=r"'int' is not a diffusers UNet pipeline"):
+        load_pipeline(3)
