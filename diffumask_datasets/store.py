@@ -1,0 +1,568 @@
+"""The shard store: where generated samples live on disk, resumably and safely.
+
+Layout of a store directory:
+
+    manifest.json                          definition, generation config, fingerprint, sizes
+    data/train-00000-of-00012.parquet      shard 0: samples [0, shard_size)
+    data/train-00001-of-00012.parquet      shard 1: samples [shard_size, 2 * shard_size) ...
+    .work/                                 lock files and shards being written
+
+Each shard is a Parquet file with the Hugging Face `datasets` features in its schema
+metadata, so `load_dataset("parquet", data_dir=store)` reads it with image, mask and
+attention columns typed. A shard is written under .work/ and renamed into data/ when it is
+complete, so a shard in data/ is always whole. A process makes a shard only while it holds
+that shard's lock (an OS file lock, released by the kernel when the process dies, so a
+kill -9 leaves no stale claim); two processes filling one store split the shards between
+them and never write the same file.
+
+A store is complete when its manifest exists and every shard of it is in data/. A store
+made by `write_store` gets its manifest last, so a half-written one is never mistaken for
+a complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from diffumask_datasets.definitions import Definition
+from diffumask_datasets.errors import DiffuMaskError
+
+MANIFEST = "manifest.json"
+DATA_DIR = "data"
+WORK_DIR = ".work"
+SPLIT = "train"
+FORMAT = "diffumask-store"
+FORMAT_VERSION = 1
+_SHARD_PATTERN = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
+
+
+@dataclass
+class Record:
+    """One stored sample, as readers see it."""
+
+    index: int
+    image: Image.Image  # RGB
+    mask: np.ndarray  # uint8 HxW: 0 background, class ids, 255 ignore
+    prompt: str
+    seed: int
+    classes: list[str]  # class names the prompt names, main class first
+    quality: float
+    attention: dict[str, np.ndarray]  # class name -> float32 low-resolution map in [0, 1]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_sample(cls, index: int, sample: Any, attention_size: int) -> Record:
+        """A Record from the engine's Sample, with its attention reduced to
+        attention_size x attention_size (area averaging)."""
+        meta = dict(sample.meta)
+        classes = list(meta.get("classes") or sample.attention.keys())
+        attention = {
+            name: downsample(np.asarray(sample.attention[name], np.float32), attention_size)
+            for name in classes
+            if name in sample.attention
+        }
+        return cls(
+            index=index,
+            image=sample.image.convert("RGB"),
+            mask=np.asarray(sample.mask, dtype=np.uint8),
+            prompt=str(meta.get("prompt", "")),
+            seed=int(meta.get("seed", 0)),
+            classes=classes,
+            quality=float(sample.quality),
+            attention=attention,
+            meta=meta,
+        )
+
+
+def downsample(attention: np.ndarray, size: int) -> np.ndarray:
+    """A map in [0, 1] averaged over boxes down to size x size (never enlarged)."""
+    height, width = attention.shape
+    if height <= size and width <= size:
+        return attention.astype(np.float32)
+    image = Image.fromarray(attention.astype(np.float32), mode="F")
+    return np.asarray(image.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+
+
+# -- features and rows --------------------------------------------------------------------
+
+
+def label_names(class_names: dict[int, str]) -> list[str]:
+    """ClassLabel names indexed by class id; ids a definition leaves unused get a
+    placeholder so that label index == mask value."""
+    top = max(class_names)
+    return [class_names.get(i, f"unused_{i}") for i in range(top + 1)]
+
+
+def store_features(class_names: dict[int, str], attention_size: int):
+    """The `datasets.Features` of a store (also the columns of the HF builder)."""
+    import datasets
+
+    return datasets.Features(
+        {
+            "index": datasets.Value("int64"),
+            "image": datasets.Image(),
+            "mask": datasets.Image(),  # mode L: class ids, 0 background, 255 ignore
+            "prompt": datasets.Value("string"),
+            "seed": datasets.Value("int64"),
+            "classes": datasets.List(datasets.ClassLabel(names=label_names(class_names))),
+            "quality": datasets.Value("float32"),
+            # one map per entry of `classes`, in the same order
+            "attention": datasets.Array3D(
+                shape=(None, attention_size, attention_size), dtype="float16"
+            ),
+            "meta": datasets.Value("string"),  # JSON: model, steps, refinement chain, ...
+        }
+    )
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def record_to_row(record: Record, class_ids: dict[str, int], attention_size: int) -> dict:
+    """A Record as a row of the store's features (images as PNG bytes)."""
+    maps = []
+    for name in record.classes:
+        attention = record.attention.get(name)
+        if attention is None:
+            attention = np.zeros((attention_size, attention_size), np.float32)
+        attention = downsample(np.asarray(attention, np.float32), attention_size)
+        if attention.shape != (attention_size, attention_size):
+            attention = np.asarray(
+                Image.fromarray(attention, mode="F").resize(
+                    (attention_size, attention_size), Image.Resampling.BILINEAR
+                )
+            )
+        maps.append(np.clip(attention, 0.0, 1.0).astype(np.float16))
+    stacked = np.stack(maps) if maps else np.zeros((0, attention_size, attention_size), np.float16)
+    unknown = [n for n in record.classes if n not in class_ids]
+    if unknown:
+        raise DiffuMaskError(f"sample {record.index} names class {unknown[0]!r}, unknown here")
+    return {
+        "index": int(record.index),
+        "image": {"bytes": _png(record.image.convert("RGB")), "path": None},
+        "mask": {
+            "bytes": _png(Image.fromarray(np.asarray(record.mask, np.uint8), "L")),
+            "path": None,
+        },
+        "prompt": record.prompt,
+        "seed": int(record.seed),
+        "classes": [class_ids[n] for n in record.classes],
+        "quality": float(record.quality),
+        "attention": stacked,
+        "meta": json.dumps(record.meta, default=_json_default, sort_keys=True),
+    }
+
+
+def _decode_rows(table, id_to_name: dict[int, str]) -> Iterator[Record]:
+    columns = {
+        name: table.column(name).to_pylist() for name in table.column_names if name != "attention"
+    }
+    attention_column = table.column("attention")
+    maps: list[np.ndarray] = []
+    for chunk in attention_column.chunks:
+        maps.extend(chunk.to_numpy(zero_copy_only=False))
+    for row in range(table.num_rows):
+        names = [id_to_name[i] for i in columns["classes"][row]]
+        stacked = np.asarray(maps[row], dtype=np.float32)
+        if stacked.ndim == 1:  # an object array of 2-D maps
+            stacked = (
+                np.stack([np.asarray(m, np.float32) for m in stacked]) if len(stacked) else stacked
+            )
+        image = Image.open(io.BytesIO(columns["image"][row]["bytes"]))
+        image.load()
+        mask = np.asarray(Image.open(io.BytesIO(columns["mask"][row]["bytes"])), dtype=np.uint8)
+        yield Record(
+            index=int(columns["index"][row]),
+            image=image.convert("RGB"),
+            mask=mask,
+            prompt=columns["prompt"][row],
+            seed=int(columns["seed"][row]),
+            classes=names,
+            quality=float(columns["quality"][row]),
+            attention={name: stacked[j] for j, name in enumerate(names)},
+            meta=json.loads(columns["meta"][row]),
+        )
+
+
+# -- locks and atomic files ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive OS lock on `path`; yields False when non-blocking and taken.
+
+    The kernel drops the lock when the holder exits, however it exits.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_parquet_atomic(rows: list[dict], features, destination: Path, work_dir: Path) -> None:
+    import datasets
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tmp = work_dir / f"{destination.name}.{os.getpid()}.tmp"
+    import pyarrow.parquet as pq
+
+    # The table datasets builds carries its Features in the schema metadata
+    # ("huggingface"), which is what lets `load_dataset("parquet")` type the columns.
+    table = datasets.Dataset.from_list(rows, features=features).data.table
+    pq.write_table(table, tmp)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, destination)
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+class Store:
+    """A store directory. Use `open_store` for a complete one."""
+
+    def __init__(self, path: str | Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._definition: Definition | None = None
+        self._features = None
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, {len(self)} samples, {self.num_shards} shards)"
+
+    # manifest views
+    @property
+    def definition(self) -> Definition:
+        if self._definition is None:
+            self._definition = Definition.from_dict(
+                self.manifest["definition"], source=str(self.path / MANIFEST)
+            )
+        return self._definition
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        """{id: name}, background (0) included."""
+        return self.definition.class_names
+
+    @property
+    def config(self) -> dict:
+        return self.manifest.get("config", {})
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.get("fingerprint", "")
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.manifest["num_shards"])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.manifest["shard_size"])
+
+    @property
+    def attention_size(self) -> int:
+        return int(self.manifest["attention_size"])
+
+    @property
+    def features(self):
+        if self._features is None:
+            self._features = store_features(self.class_names, self.attention_size)
+        return self._features
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    # shards
+    def shard_path(self, shard: int) -> Path:
+        return self.path / DATA_DIR / f"{SPLIT}-{shard:05d}-of-{self.num_shards:05d}.parquet"
+
+    def shard_range(self, shard: int) -> range:
+        """The positions (row numbers across the store) shard `shard` holds."""
+        start = shard * self.shard_size
+        return range(start, min(start + self.shard_size, len(self)))
+
+    def has_shard(self, shard: int) -> bool:
+        return self.shard_path(shard).is_file()
+
+    def complete_shards(self) -> list[int]:
+        return [k for k in range(self.num_shards) if self.has_shard(k)]
+
+    def is_complete(self) -> bool:
+        return all(self.has_shard(k) for k in range(self.num_shards))
+
+    def data_files(self) -> list[str]:
+        """The shard files, in order (for `load_dataset("parquet", data_files=...)`)."""
+        return [str(self.shard_path(k)) for k in range(self.num_shards)]
+
+    @contextlib.contextmanager
+    def claim(self, shard: int, blocking: bool = False) -> Iterator[bool]:
+        """Hold the right to write shard `shard` (see module doc)."""
+        with file_lock(self.path / WORK_DIR / f"shard-{shard:05d}.lock", blocking) as held:
+            yield held
+
+    def write_shard(self, shard: int, records: Sequence[Record]) -> None:
+        """Write shard `shard` atomically; call it while holding `claim(shard)`."""
+        expected = len(self.shard_range(shard))
+        if len(records) != expected:
+            raise ValueError(f"shard {shard} needs {expected} records, got {len(records)}")
+        ids = self.definition.class_ids
+        rows = [record_to_row(r, ids, self.attention_size) for r in records]
+        (self.path / DATA_DIR).mkdir(parents=True, exist_ok=True)
+        _write_parquet_atomic(rows, self.features, self.shard_path(shard), self.path / WORK_DIR)
+
+    def shard_records(self, shard: int) -> Iterator[Record]:
+        import pyarrow.parquet as pq
+
+        path = self.shard_path(shard)
+        if not path.is_file():
+            raise DiffuMaskError(
+                f"store {str(self.path)!r} lacks shard {shard} ({path.name}); it is incomplete: "
+                "resume its generation (diffumask generate ... --resume)"
+            )
+        table = pq.read_table(path)
+        yield from _decode_rows(table, self.class_names)
+
+    def records(self) -> Iterator[Record]:
+        """Every sample, in order."""
+        for shard in range(self.num_shards):
+            yield from self.shard_records(shard)
+
+
+def _read_manifest(path: Path) -> dict:
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise DiffuMaskError(f"dataset directory {str(path)!r} does not exist")
+    if not manifest_path.is_file():
+        raise DiffuMaskError(
+            f"{str(path)!r} is not a DiffuMask dataset: it has no {MANIFEST} "
+            "(make one with `diffumask generate`)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DiffuMaskError(f"{str(manifest_path)!r} is corrupt ({exc}); regenerate it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DiffuMaskError(f"{str(manifest_path)!r} is not a {FORMAT} manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise DiffuMaskError(
+            f"{str(path)!r} was written by a newer diffumask-datasets "
+            f"(store format {manifest['format_version']}); upgrade the package to read it"
+        )
+    missing = [
+        k for k in ("definition", "num_samples", "num_shards", "shard_size") if k not in manifest
+    ]
+    if missing:
+        raise DiffuMaskError(f"{str(manifest_path)!r} is corrupt: it lacks {missing[0]!r}")
+    return manifest
+
+
+def open_store(path: str | Path, allow_incomplete: bool = False) -> Store:
+    """Open a complete store (or any store with allow_incomplete=True).
+
+    Raises DiffuMaskError naming the path when it is missing, not a store, corrupt or
+    incomplete.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path).expanduser()
+    store = Store(path, _read_manifest(path))
+    if allow_incomplete:
+        return store
+    missing = [k for k in range(store.num_shards) if not store.has_shard(k)]
+    if missing:
+        raise DiffuMaskError(
+            f"dataset {str(path)!r} is incomplete: {len(missing)} of {store.num_shards} shards "
+            f"are missing (first: {store.shard_path(missing[0]).name}). Finish it with "
+            "`diffumask generate ... --resume` using the same settings"
+        )
+    for shard in range(store.num_shards):
+        try:
+            rows = pq.read_metadata(store.shard_path(shard)).num_rows
+        except Exception as exc:  # a truncated or foreign file
+            raise DiffuMaskError(
+                f"shard {str(store.shard_path(shard))!r} is corrupt ({exc}); delete it and "
+                "resume the generation to remake it"
+            ) from None
+        if rows != len(store.shard_range(shard)):
+            raise DiffuMaskError(
+                f"shard {str(store.shard_path(shard))!r} holds {rows} samples, expected "
+                f"{len(store.shard_range(shard))}; delete it and resume the generation"
+            )
+    return store
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("diffumask-datasets")
+    except Exception:
+        return "unknown"
+
+
+def _manifest(definition, config, fingerprint, num_samples, shard_size, attention_size, extra):
+    if shard_size < 1:
+        raise DiffuMaskError(f"shard_size must be at least 1, got {shard_size}")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": definition.name,
+        "split": SPLIT,
+        "definition": definition.to_dict(),
+        "config": config,
+        "fingerprint": fingerprint,
+        "num_samples": int(num_samples),
+        "shard_size": int(shard_size),
+        "num_shards": -(-int(num_samples) // int(shard_size)),
+        "attention_size": int(attention_size),
+        "package_version": _package_version(),
+    }
+    manifest.update(extra)
+    return manifest
+
+
+def make_manifest(
+    definition: Definition,
+    config: dict,
+    fingerprint: str,
+    num_samples: int,
+    shard_size: int,
+    attention_size: int,
+    **extra: Any,
+) -> dict:
+    """A manifest for a store about to be filled (build_dataset, the HF builder)."""
+    return _manifest(
+        definition, config, fingerprint, num_samples, shard_size, attention_size, extra
+    )
+
+
+def _config_differences(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [
+        f"{k}: {old.get(k)!r} stored, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)
+    ]
+
+
+def create_store(path: str | Path, manifest: dict, resume: bool = False) -> Store:
+    """Start a store at `path`, or (resume=True) continue the one there.
+
+    Refuses a directory that holds other files, a store made with a different definition
+    or config (naming what differs), and an existing store when resume is False.
+    """
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    with file_lock(path / WORK_DIR / "store.lock"):
+        manifest_path = path / MANIFEST
+        if manifest_path.is_file():
+            existing = _read_manifest(path)
+            if existing.get("fingerprint") != manifest["fingerprint"]:
+                what = _config_differences(existing.get("config", {}), manifest["config"])
+                if existing.get("definition") != manifest["definition"]:
+                    what.insert(0, "the dataset definition differs")
+                raise DiffuMaskError(
+                    f"{str(path)!r} holds a dataset made with different settings ("
+                    + "; ".join(what or ["fingerprint differs"])
+                    + "). Use another output directory, or the stored settings to resume it"
+                )
+            if not resume:
+                state = "complete" if Store(path, existing).is_complete() else "incomplete"
+                raise DiffuMaskError(
+                    f"{str(path)!r} already holds a {state} dataset with these settings; pass "
+                    "resume=True (--resume) to continue it, or choose another directory"
+                )
+            return Store(path, existing)
+        others = [p.name for p in path.iterdir() if p.name not in (WORK_DIR,)]
+        if others:
+            raise DiffuMaskError(
+                f"{str(path)!r} is not empty and not a DiffuMask dataset (it holds "
+                f"{others[0]!r}); choose an empty or new directory"
+            )
+        _write_json_atomic(manifest_path, manifest)
+        return Store(path, manifest)
+
+
+def write_store(dest: str | Path, records: Iterable[Record], manifest: dict) -> Store:
+    """Write a complete store at `dest` from `records` (e.g. a filtered copy of another).
+
+    `manifest` is the source's manifest (or one from make_manifest); its counts are
+    replaced by the real ones. Rows keep their own `index`. The manifest is written last,
+    so an interrupted write never leaves a store that opens as complete.
+    """
+    dest = Path(dest).expanduser()
+    if dest.exists() and any(dest.iterdir()):
+        raise DiffuMaskError(f"{str(dest)!r} exists and is not empty; choose a new directory")
+    manifest = json.loads(json.dumps(manifest, default=_json_default))
+    shard_size = int(manifest.get("shard_size") or 64)
+    attention_size = int(manifest["attention_size"])
+    staging = Store(dest, {**manifest, "num_samples": 0, "num_shards": 0})
+    features = staging.features
+    class_ids = staging.definition.class_ids
+    work = dest / WORK_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    parts: list[Path] = []
+    buffer: list[dict] = []
+
+    def flush() -> None:
+        part = work / f"part-{len(parts):05d}.parquet"
+        _write_parquet_atomic(buffer, features, part, work)
+        parts.append(part)
+        buffer.clear()
+
+    count = 0
+    for record in records:
+        buffer.append(record_to_row(record, class_ids, attention_size))
+        count += 1
+        if len(buffer) == shard_size:
+            flush()
+    if buffer:
+        flush()
+    manifest.update(num_samples=count, num_shards=len(parts), shard_size=shard_size)
+    store = Store(dest, manifest)
+    (dest / DATA_DIR).mkdir(parents=True, exist_ok=True)
+    for k, part in enumerate(parts):
+        os.replace(part, store.shard_path(k))
+    _write_json_atomic(dest / MANIFEST, manifest)
+    return open_store(dest)
