@@ -379,13 +379,21 @@ def format_statistics(path: Path, stats: Mapping[str, Any], manifest: Mapping[st
         lines.append(f"  image sizes: {sizes}")
     lines.append("")
     lines.append(f"  {'class':<20} {'id':>4} {'prompted':>9} {'in mask':>8} {'pixels':>8}")
-    for name, row in stats["classes"].items():
+    # A dataset of a few classes from a large definition: list the classes it has.
+    rows = {
+        n: r for n, r in stats["classes"].items() if r["prompted_images"] or r["images_with_pixels"]
+    }
+    rows = rows or stats["classes"]
+    for name, row in rows.items():
         lines.append(
             f"  {name:<20} {row['id']:>4} {row['prompted_images']:>9} "
             f"{row['images_with_pixels']:>8} {row['pixel_share']:>8.1%}"
         )
     lines.append(f"  {'background':<20} {0:>4} {'':>9} {'':>8} {stats['background_share']:>8.1%}")
     lines.append(f"  {'ignore':<20} {IGNORE:>4} {'':>9} {'':>8} {stats['ignore_share']:>8.1%}")
+    absent = len(stats["classes"]) - len(rows)
+    if absent:
+        lines.append(f"  ({absent} more classes of the definition have no samples here)")
     quality = stats["quality"]
     lines.append("")
     if quality["count"]:
@@ -394,11 +402,17 @@ def format_statistics(path: Path, stats: Mapping[str, Any], manifest: Mapping[st
             "p75 {p75:.3f}  max {max:.3f}".format(**quality)
         )
         lines.append(f"  quality histogram 0..1: |{_histogram_line(quality['histogram'])}|")
-    config = {k: v for k, v in manifest.items() if k not in ("definition",)}
+    lines.append("")
+    store_keys = ("name", "num_shards", "shard_size", "attention_size", "fingerprint")
+    summary = "  ".join(f"{k} {manifest[k]}" for k in store_keys if k in manifest)
+    if summary:
+        lines.append(f"  store: {summary}")
+    if "filter" in manifest:
+        lines.append(f"  filtered: {json.dumps(manifest['filter'], default=str)}")
+    config = manifest.get("config") or {}
     if config:
-        lines.append("")
         lines.append("  config:")
-        for key, value in config.items():
+        for key, value in sorted(config.items()):
             shown = json.dumps(value, sort_keys=True, default=str)
             if len(shown) > 200:
                 shown = shown[:197] + "..."
@@ -418,9 +432,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def info(directory: Path, as_json: bool) -> None:
     """Counts and pixels per class, quality distribution and config of a dataset DIRECTORY."""
-    from .store import open_store
-
-    store = open_store(directory)
+    store = open_dataset(directory)
     records = _progress(store.records(), len(store), "reading")
     stats = store_statistics(records, store.class_names)
     if as_json:
@@ -433,6 +445,17 @@ def info(directory: Path, as_json: bool) -> None:
         )
     else:
         click.echo(format_statistics(Path(store.path), stats, store.manifest))
+
+
+def open_dataset(path: Path) -> Any:
+    """`store.open_store`, with the `datasets` Arrow extension types registered first:
+    without them pyarrow reads the Array3D attention column as nested lists that the
+    store's reader cannot stack (seen with the store of this commit)."""
+    import datasets  # noqa: F401  (registers the Array2D/3D extension types)
+
+    from .store import open_store
+
+    return open_store(path)
 
 
 def _progress(iterable: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
@@ -503,11 +526,10 @@ def export(
 ) -> None:
     """Export the dataset in DIRECTORY as VOC, COCO or Hugging Face Datasets."""
     from .export import check_destination, export_store
-    from .store import open_store
 
     if fmt != "hf" and push_to_hub:
         raise click.BadParameter("--push-to-hub needs --format hf", param_hint="'--push-to-hub'")
-    store = open_store(directory)
+    store = open_dataset(directory)
     check_destination(dest, overwrite, Path(store.path))
     options = {"layout": hf_layout, "push_to_hub": push_to_hub} if fmt == "hf" else {}
     summary = export_store(
@@ -566,9 +588,9 @@ def filter_command(
 ) -> None:
     """Copy the samples of DIRECTORY that pass the filter into a new dataset at --to."""
     from .export import check_destination, staged_destination
-    from .store import open_store, write_store
+    from .store import write_store
 
-    store = open_store(directory)
+    store = open_dataset(directory)
     if classes:
         known = set(store.class_names.values())
         unknown = [c for c in classes if c not in known]
@@ -582,13 +604,9 @@ def filter_command(
         "classes": classes,
     }
     records = filter_records(_progress(store.records(), len(store), "filter"), min_quality, classes)
+    # Staged like an export: a half-written filter result never sits at --to.
     with staged_destination(dest, overwrite, Path(store.path)) as staging:
-        result = write_store(staging / "store", records, manifest)
-        kept = len(result)
-        # The store goes to the destination itself, not a sub-folder.
-        for item in (staging / "store").iterdir():
-            item.rename(staging / item.name)
-        (staging / "store").rmdir()
+        kept = len(write_store(staging, records, manifest))
     click.echo(f"kept {kept} of {len(store)} samples in {dest}")
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from diffumask_datasets.cli import main
 
@@ -171,3 +174,207 @@ def test_export_val_fraction_out_of_range_is_one_line(tmp_path):
 def test_unknown_format_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["export", str(tmp_path), "--format", "yolo", "--to", "x"])
     assert_one_line_error(result, "yolo", "voc", "coco", "hf", code=2)
+
+
+# -- info, export, filter on a small store made without the engine -------------------------
+
+
+def synthetic_records(n: int = 6, size: int = 32) -> list:
+    from diffumask_datasets.store import Record
+
+    rng = np.random.default_rng(1)
+    records = []
+    for index in range(n):
+        name, class_id = ("bird", 3) if index % 2 == 0 else ("dog", 12)
+        mask = np.zeros((size, size), np.uint8)
+        y, x = rng.integers(0, size // 2, 2)
+        mask[y : y + 10, x : x + 8] = class_id
+        mask[y + 10, x : x + 8] = 255
+        records.append(
+            Record(
+                index=index,
+                image=Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
+                mask=mask,
+                prompt=f"a photo of a {name}",
+                seed=index,
+                classes=[name],
+                quality=round(0.1 + 0.15 * index, 3),
+                attention={name: rng.random((8, 8)).astype(np.float32)},
+            )
+        )
+    return records
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    from diffumask_datasets.definitions import load_definition
+    from diffumask_datasets.store import make_manifest, write_store
+
+    path = tmp_path_factory.mktemp("store") / "ds"
+    records = synthetic_records()
+    manifest = make_manifest(
+        load_definition("voc"),
+        {"model": "synthetic", "num_inference_steps": 3},
+        "synthetic",
+        len(records),
+        4,
+        8,
+    )
+    write_store(path, records, manifest)
+    return path
+
+
+def test_info_reports_counts_pixels_quality_and_config(small_store):
+    result = invoke("info", str(small_store), "--json")
+    stats = json.loads(result.stdout)
+    records = synthetic_records()
+    assert stats["samples"] == len(records)
+    bird, dog = stats["classes"]["bird"], stats["classes"]["dog"]
+    assert bird["prompted_images"] == dog["prompted_images"] == 3
+    assert bird["images_with_pixels"] == 3 and stats["classes"]["cat"]["images_with_pixels"] == 0
+    total = sum(r.mask.size for r in records)
+    assert bird["pixel_share"] == pytest.approx(sum((r.mask == 3).sum() for r in records) / total)
+    assert stats["ignore_share"] == pytest.approx(
+        sum((r.mask == 255).sum() for r in records) / total
+    )
+    qualities = [r.quality for r in records]
+    assert stats["quality"]["min"] == pytest.approx(min(qualities), abs=1e-6)
+    assert stats["quality"]["max"] == pytest.approx(max(qualities), abs=1e-6)
+    assert sum(stats["quality"]["histogram"]) == len(records)
+    text = invoke("info", str(small_store)).stdout
+    for needle in ("6 samples", "bird", "dog", "quality: mean", "config:", "num_inference_steps"):
+        assert needle in text
+
+
+def test_export_voc_and_coco_through_the_cli_keep_the_masks(small_store, tmp_path):
+    from pycocotools.coco import COCO
+
+    records = {r.index: r for r in synthetic_records()}
+    result = invoke("export", str(small_store), "--format", "voc", "--to", str(tmp_path / "V"))
+    assert "voc export" in result.stdout and "val 1" in result.stdout
+    sets = tmp_path / "V/VOCdevkit/VOC2012/ImageSets/Segmentation"
+    names = (sets / "trainval.txt").read_text().split()
+    assert names == [f"{i:06d}" for i in sorted(records)]
+    for name in names:
+        png = Image.open(tmp_path / f"V/VOCdevkit/VOC2012/SegmentationClass/{name}.png")
+        np.testing.assert_array_equal(np.array(png), records[int(name)].mask)
+
+    invoke("export", str(small_store), "--format", "coco", "--to", str(tmp_path / "C"))
+    for split in ("train", "val"):
+        coco = COCO(str(tmp_path / "C" / "annotations" / f"instances_{split}.json"))
+        assert {c["name"] for c in coco.loadCats(coco.getCatIds())} >= {"bird", "dog", "cat"}
+        for image in coco.loadImgs(coco.getImgIds()):
+            mask = records[image["diffumask_index"]].mask
+            rebuilt = np.zeros_like(mask)
+            for ann in coco.loadAnns(coco.getAnnIds(imgIds=image["id"])):
+                rebuilt[coco.annToMask(ann) > 0] = ann["category_id"]
+            np.testing.assert_array_equal(rebuilt, np.where(mask == 255, 0, mask))
+
+
+def test_export_into_a_non_empty_directory_is_refused(small_store, tmp_path):
+    dest = tmp_path / "busy"
+    dest.mkdir()
+    (dest / "thesis.tex").write_text("precious")
+    result = CliRunner().invoke(
+        main, ["export", str(small_store), "--format", "coco", "--to", str(dest)]
+    )
+    assert_one_line_error(result, str(dest), "not empty", "--overwrite", code=1)
+    assert (dest / "thesis.tex").read_text() == "precious"
+    invoke("export", str(small_store), "--format", "coco", "--to", str(dest), "--overwrite")
+    assert (dest / "annotations" / "instances_train.json").is_file()
+    assert not (dest / "thesis.tex").exists()
+
+
+def test_filter_keeps_good_samples_as_a_new_store(small_store, tmp_path):
+    from diffumask_datasets.store import open_store
+
+    result = invoke(
+        "filter",
+        str(small_store),
+        "--min-quality",
+        "0.4",
+        "--classes",
+        "dog",
+        "--to",
+        str(tmp_path / "F"),
+    )
+    kept = [r for r in synthetic_records() if r.quality >= 0.4 and "dog" in r.classes]
+    assert f"kept {len(kept)} of 6" in result.stdout
+    store = open_store(tmp_path / "F")
+    got = list(store.records())
+    assert [r.index for r in got] == [r.index for r in kept]
+    for a, b in zip(got, kept, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
+    assert store.manifest["filter"]["min_quality"] == 0.4
+    assert "filtered" in invoke("info", str(tmp_path / "F")).stdout
+    bad = CliRunner().invoke(
+        main,
+        [
+            "filter",
+            str(small_store),
+            "--min-quality",
+            "0.4",
+            "--classes",
+            "dgo",
+            "--to",
+            str(tmp_path / "G"),
+        ],
+    )
+    assert_one_line_error(bad, "'dgo'", "'dog'", code=1)
+    assert not (tmp_path / "G").exists()
+
+
+@pytest.mark.parametrize("verb", ["info", "export", "filter"])
+def test_missing_dataset_directory_names_the_path(tmp_path, verb):
+    missing = tmp_path / "nowhere"
+    extra = {
+        "info": [],
+        "export": ["--format", "voc", "--to", str(tmp_path / "V")],
+        "filter": ["--min-quality", "0.5", "--to", str(tmp_path / "F")],
+    }[verb]
+    result = CliRunner().invoke(main, [verb, str(missing), *extra])
+    assert_one_line_error(result, str(missing), "does not exist", code=1)
+
+
+def test_corrupt_dataset_names_the_file(small_store, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(small_store, broken)
+    (broken / "manifest.json").write_text("{ not json")
+    result = CliRunner().invoke(main, ["info", str(broken)])
+    assert_one_line_error(result, str(broken / "manifest.json"), "corrupt", code=1)
+
+    shutil.rmtree(broken)
+    shutil.copytree(small_store, broken)
+    shard = sorted((broken / "data").iterdir())[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    result = CliRunner().invoke(main, ["export", str(broken), "--format", "voc", "--to", "V"])
+    assert_one_line_error(result, shard.name, "corrupt", code=1)
+
+    not_a_store = tmp_path / "photos"
+    not_a_store.mkdir()
+    (not_a_store / "cat.jpg").write_bytes(b"")
+    result = CliRunner().invoke(main, ["info", str(not_a_store)])
+    assert_one_line_error(result, str(not_a_store), "manifest.json", code=1)
+
+
+def test_info_and_export_as_real_subprocesses(small_store, tmp_path):
+    # A fresh process: nothing imported beforehand (this once caught a store that only
+    # read back when `datasets` happened to be imported already).
+    info = run_cli("info", str(small_store), "--json", timeout=120)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["samples"] == 6
+    export = run_cli("export", str(small_store), "--format", "voc", "--to", str(tmp_path / "V"))
+    assert export.returncode == 0, export.stderr
+    assert "img/s" in export.stderr  # the progress bar, with its rate
+    assert (
+        len(
+            (tmp_path / "V/VOCdevkit/VOC2012/ImageSets/Segmentation/trainval.txt")
+            .read_text()
+            .split()
+        )
+        == 6
+    )
+    again = run_cli("export", str(small_store), "--format", "voc", "--to", str(tmp_path / "V"))
+    assert_one_line_error(again, "not empty", "--overwrite", code=1)
