@@ -260,6 +260,7 @@ def generate(
 
     check_output_dir(out, resume)
     definition = load_definition(dataset)
+    check_definition_class_names(definition)
     if classes is not None:
         definition.select(classes)  # unknown names fail here, with close matches
     config = generation_config(
@@ -278,7 +279,13 @@ def generate(
 
     started = time.perf_counter()
     try:
-        store = build_dataset(out, definition, config, resume=resume, progress=True)
+        # The model loads before the store is created: a model that cannot be loaded
+        # (a typo, offline without a cached copy) fails with --out left untouched.
+        click.echo(f"loading {config.model} ...", err=True)
+        from .generate import DiffuMask
+
+        engine = DiffuMask(config.model, device=config.device, dtype=config.dtype)
+        store = build_dataset(out, definition, config, resume=resume, progress=True, engine=engine)
     except KeyboardInterrupt:
         fail(
             f"interrupted; {out} keeps every finished shard: run the same command "
@@ -288,6 +295,19 @@ def generate(
     seconds = time.perf_counter() - started
     click.echo(f"{len(store)} samples in {store.path} ({seconds:.1f} s)")
     click.echo(f"next: {PROG} info {out}   |   {PROG} export {out} --format voc --to DEST")
+
+
+def check_definition_class_names(definition: Any) -> None:
+    """Class names end up in file and folder names of some tools (FiftyOne, exports of
+    other toolkits): refuse path characters where the definition is read."""
+    for cls in definition.classes:
+        bad = [c for c in PATH_CHARACTERS if c in cls.name]
+        if bad or cls.name in (".", ".."):
+            raise DiffuMaskError(
+                f"{definition.source}: class name {cls.name!r} contains the path character "
+                f"{(bad or [cls.name])[0]!r}; rename the class (e.g. "
+                f"{cls.name.replace('/', '_').replace(chr(92), '_').strip('.') or 'thing'!r})"
+            )
 
 
 def generation_config(definition: Any, **options: Any) -> Any:

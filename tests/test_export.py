@@ -14,6 +14,7 @@ from PIL import Image
 from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.export import assign_splits, sample_name
 from diffumask_datasets.export.coco import export_coco
+from diffumask_datasets.export.hf import card_yaml_configs, export_hf, with_configs
 from diffumask_datasets.export.voc import export_voc, voc_colormap
 
 # Non-contiguous ids, as a definition with the 20 VOC classes gives bird and dog.
@@ -228,3 +229,67 @@ def test_export_refuses_a_destination_overlapping_the_store(tmp_path):
         export_voc(make_records(1), CLASS_NAMES, store / "voc", source=store)
     with pytest.raises(DiffuMaskError, match="overlaps the store"):
         export_voc(make_records(1), CLASS_NAMES, tmp_path, overwrite=True, source=store)
+
+
+def with_attention(records: list[FakeRecord]) -> list[FakeRecord]:
+    rng = np.random.default_rng(2)
+    for record in records:
+        record.attention = {name: rng.random((8, 8)).astype(np.float32) for name in record.classes}
+    return records
+
+
+@pytest.mark.parametrize("layout", ["parquet", "disk"])
+def test_hf_export_round_trips_masks_images_and_splits(tmp_path, layout):
+    import datasets
+
+    records = with_attention(make_records(6))
+    by_index = {r.index: r for r in records}
+    card = "---\nlicense: other\nconfigs:\n- config_name: old\n---\n# My card\n"
+    summary = export_hf(
+        records, CLASS_NAMES, tmp_path / "H", val_fraction=0.3, card=card, layout=layout
+    )
+    if layout == "parquet":
+        loaded = datasets.load_dataset(str(tmp_path / "H"))
+    else:
+        loaded = datasets.load_from_disk(str(tmp_path / "H"))
+    expected = assign_splits(list(by_index), 0.3)
+    assert set(loaded) == {"train", "validation"}
+    for hf_split, split in (("train", "train"), ("validation", "val")):
+        part = loaded[hf_split]
+        assert sorted(part["index"]) == sorted(i for i, s in expected.items() if s == split)
+        assert summary.splits[split] == [sample_name(i) for i in sorted(part["index"])]
+        names = part.features["classes"].feature.names
+        for row in part:
+            record = by_index[row["index"]]
+            assert row["mask"].mode == "L"
+            np.testing.assert_array_equal(np.asarray(row["mask"]), record.mask)
+            np.testing.assert_array_equal(np.asarray(row["image"]), np.asarray(record.image))
+            assert [names[c] for c in row["classes"]] == record.classes
+            assert row["prompt"] == record.prompt and row["seed"] == record.seed
+            attention = np.asarray(row["attention"], np.float32)
+            np.testing.assert_allclose(attention[0], record.attention[record.classes[0]], atol=1e-3)
+    readme = (tmp_path / "H" / "README.md").read_text()
+    assert "# My card" in readme and "license: other" in readme
+    if layout == "parquet":  # the card's own configs give way to the files written
+        assert "config_name: old" not in readme
+        assert "path: data/validation-*.parquet" in readme
+    assert [p.name for p in tmp_path.iterdir()] == ["H"]  # no staging or cache left
+
+
+def test_hf_push_needs_the_parquet_layout(tmp_path):
+    with pytest.raises(DiffuMaskError, match="parquet"):
+        export_hf(
+            make_records(2),
+            CLASS_NAMES,
+            tmp_path / "H",
+            card="x",
+            layout="disk",
+            push_to_hub="me/x",
+        )
+    assert not (tmp_path / "H").exists()
+
+
+def test_with_configs_adds_a_header_when_the_card_has_none():
+    text = with_configs("# Card\n", card_yaml_configs({"train": "data/train-*.parquet"}))
+    assert text.startswith("---\nconfigs:\n- config_name: default\n")
+    assert text.endswith("---\n\n# Card\n")

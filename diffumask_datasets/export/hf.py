@@ -1,0 +1,204 @@
+"""Hugging Face Datasets export: typed columns, a train/validation split, the dataset card.
+
+Two layouts:
+
+```
+parquet (default, Hub-ready)              disk (Dataset.save_to_disk)
+DEST/README.md        the dataset card      DEST/README.md
+DEST/data/train-00000-of-00001.parquet      DEST/dataset_dict.json
+DEST/data/validation-00000-of-00001.parquet DEST/train/...  DEST/validation/...
+```
+
+`load_dataset("DEST")` reads the parquet layout (the card's YAML names the splits and
+the Parquet schema carries the features: image and mask come back as PIL images);
+`load_from_disk("DEST")` reads the disk layout. The columns are the store's: index,
+image, mask (mode L: class ids, 0 background, 255 ignore), prompt, seed, classes
+(ClassLabel ids whose label index equals the mask value), quality, attention (one
+low-resolution map per entry of classes), meta (JSON).
+
+`push_to_hub="user/name"` uploads the parquet layout with its card (network and a
+Hugging Face token needed; not exercised by the tests, which run offline).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import DiffuMaskError
+from . import (
+    DEFAULT_VAL_FRACTION,
+    ExportSummary,
+    RecordLike,
+    assign_splits,
+    check_class_names,
+    check_mask,
+    progress_bar,
+    split_names,
+    staged_destination,
+)
+
+HF_LAYOUTS = ("parquet", "disk")
+HF_SPLITS = {"train": "train", "val": "validation"}
+ROWS_PER_PARQUET_FILE = 2000  # a few hundred MB at 512 px: the size the Hub likes
+
+
+def _attention_size(first: RecordLike, fallback: int = 8) -> int:
+    maps = list(getattr(first, "attention", {}).values())
+    return int(max(maps[0].shape)) if maps else fallback
+
+
+def card_yaml_configs(split_files: Mapping[str, str]) -> str:
+    """The card's `configs:` block, which tells `load_dataset` which files are which split."""
+    lines = ["configs:", "- config_name: default", "  data_files:"]
+    for split, pattern in split_files.items():
+        lines += [f"  - split: {split}", f"    path: {pattern}"]
+    return "\n".join(lines)
+
+
+def with_configs(card: str, configs: str) -> str:
+    """Put the `configs:` block into the card's YAML header (adding a header if it has
+    none, replacing a `configs:` block it has)."""
+    if card.startswith("---\n"):
+        end = card.index("\n---", 4)
+        header, body = card[4:end], card[end + 4 :]
+        kept, skipping = [], False
+        for line in header.splitlines():
+            if line.startswith("configs:"):
+                skipping = True
+                continue
+            if skipping and (line.startswith(" ") or line.startswith("-")):
+                continue
+            skipping = False
+            kept.append(line)
+        header = "\n".join([*kept, configs])
+        return f"---\n{header}\n---{body}"
+    return f"---\n{configs}\n---\n\n{card}"
+
+
+def render_dataset_card(store: Any, splits: Mapping[str, int]) -> str:
+    """The definition's dataset card, rendered by the HF module (issue 3's render_card)."""
+    from ..hf import render_card
+
+    return render_card(store, splits=dict(splits))
+
+
+def export_hf(
+    records: Iterable[RecordLike],
+    class_names: Mapping[int, str],
+    dest: str | os.PathLike,
+    *,
+    store: Any = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    overwrite: bool = False,
+    total: int | None = None,
+    progress: bool = False,
+    source: Path | None = None,
+    layout: str = "parquet",
+    push_to_hub: str | None = None,
+    card: str | None = None,
+) -> ExportSummary:
+    """Write `records` as a Hugging Face dataset (train + validation) under `dest`.
+
+    `card` overrides the dataset card (default: the store's definition card, which needs
+    `store`).
+    """
+    import datasets
+
+    from ..store import record_to_row, store_features
+
+    if layout not in HF_LAYOUTS:
+        raise DiffuMaskError(f"unknown hf layout {layout!r}; choose one of {', '.join(HF_LAYOUTS)}")
+    if push_to_hub and layout != "parquet":
+        raise DiffuMaskError(
+            "--push-to-hub uploads the parquet layout; export with --hf-layout parquet"
+        )
+    if card is None and store is None:
+        raise DiffuMaskError("export_hf needs a store (for its dataset card) or a card text")
+    objects = check_class_names(class_names)
+    with_background = {0: dict(class_names).get(0, "background"), **objects}
+    class_ids = {name: class_id for class_id, name in objects.items()}
+    records = iter(progress_bar(records, total=total, desc="export hf", enabled=progress))
+    first = next(records, None)
+    if first is None:
+        raise DiffuMaskError("the dataset has no samples; there is nothing to export")
+    attention_size = store.attention_size if store is not None else _attention_size(first)
+    features = store_features(with_background, attention_size)
+
+    def rows():
+        seen = set()
+        for record in _chain(first, records):
+            check_mask(record, objects)
+            if record.index in seen:
+                raise ValueError(f"sample {record.index} appears twice in the records")
+            seen.add(record.index)
+            yield record_to_row(record, class_ids, attention_size)
+
+    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # our own bar counts the samples
+    try:
+        with staged_destination(Path(dest), overwrite, source) as root:
+            cache = root / ".cache"
+            full = datasets.Dataset.from_generator(
+                rows, features=features, cache_dir=str(cache), keep_in_memory=False
+            )
+            indices = [int(i) for i in full["index"]]
+            split_of = assign_splits(indices, val_fraction)
+            names = split_names(split_of)
+            parts = {}
+            for split, hf_split in HF_SPLITS.items():
+                rows_of = [r for r, i in enumerate(indices) if split_of[i] == split]
+                if rows_of:
+                    parts[hf_split] = full.select(rows_of)
+            dataset = datasets.DatasetDict(parts)
+            counts = {split: len(part) for split, part in dataset.items()}
+            if layout == "parquet":
+                split_files = _write_parquet(dataset, root)
+            else:
+                dataset.save_to_disk(str(root / "dataset"))
+                split_files = {}
+            text = card if card is not None else render_dataset_card(store, counts)
+            if split_files:
+                text = with_configs(text, card_yaml_configs(split_files))
+            del dataset, parts, full
+            shutil.rmtree(cache, ignore_errors=True)
+            if layout == "disk":
+                for item in (root / "dataset").iterdir():
+                    item.rename(root / item.name)
+                (root / "dataset").rmdir()
+            (root / "README.md").write_text(text, encoding="utf-8")
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+    if push_to_hub:
+        _push(Path(dest), push_to_hub, layout)
+    return ExportSummary("hf", Path(dest).resolve(), names, {"layout": layout})
+
+
+def _chain(first: Any, rest: Iterable[Any]):
+    yield first
+    yield from rest
+
+
+def _write_parquet(dataset: Any, root: Path) -> dict[str, str]:
+    (root / "data").mkdir()
+    split_files = {}
+    for split, part in dataset.items():
+        count = max(1, -(-len(part) // ROWS_PER_PARQUET_FILE))
+        for k in range(count):
+            shard = part.shard(num_shards=count, index=k, contiguous=True)
+            shard.to_parquet(str(root / "data" / f"{split}-{k:05d}-of-{count:05d}.parquet"))
+        split_files[split] = f"data/{split}-*.parquet"
+    return split_files
+
+
+def _push(dest: Path, repo_id: str, layout: str) -> None:
+    """Upload the export to the Hub (network and a token needed)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
+    api.upload_folder(folder_path=str(dest), repo_id=repo_id, repo_type="dataset")
