@@ -19,7 +19,7 @@ __all__ = [
     "Refinement",
     "Sample",
     "CaptureOptions",
-    "capture",
+    "trace",
     "load_pipeline",
     "__version__",
 ]
@@ -29,12 +29,12 @@ _LAZY = {
     "Refinement": "refine",
     "Sample": "sample",
     "CaptureOptions": "capture",
-    "capture": "capture",
+    "trace": "capture",
     "load_pipeline": "models",
 }
 
 if TYPE_CHECKING:
-    from .capture import CaptureOptions, capture
+    from .capture import CaptureOptions, trace
     from .generate import DiffuMask
     from .models import load_pipeline
     from .refine import Refinement

@@ -7,7 +7,7 @@ columns and add them into one float32 running sum per resolution. Nothing is kep
 step. Self-attention stays on the original processor except at the one resolution where
 an affinity matrix is asked for.
 
-    with capture(pipe, tokens=[[5, 6]]) as cap:
+    with trace(pipe, tokens=[[5, 6]]) as cap:
         pipe("a photo of a sparrow bird", ...)
     cap.result().cross   # {(h, w): float32 [prompts, tokens, h, w]}, mean over heads,
                          # layers and steps
@@ -322,7 +322,7 @@ def default_affinity_factor(unet) -> int:
 
 
 @contextlib.contextmanager
-def capture(
+def trace(
     pipe_or_unet, tokens: Sequence[Sequence[int]], options: CaptureOptions | None = None
 ) -> Iterator[Capture]:
     """Capture attention of every pipeline call made inside the block.

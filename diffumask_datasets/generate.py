@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .capture import CaptureOptions, capture, default_affinity_factor
+from .capture import CaptureOptions, default_affinity_factor, trace
 from .errors import DiffuMaskError
 from .models import load_pipeline, model_name
 from .refine import Refinement, refine
@@ -165,7 +165,7 @@ class DiffuMask:
         tokens = [sorted({p for positions in t.values() for p in positions}) for t in token_indices]
         latents = self._latents(seeds, settings["height"], settings["width"])
         negative = settings["negative_prompt"]
-        with capture(self.pipe, tokens, options) as cap:
+        with trace(self.pipe, tokens, options) as cap:
             images = self.pipe(
                 prompt=list(prompts),
                 negative_prompt=[negative] * len(prompts) if negative else None,

@@ -7,8 +7,8 @@ from diffumask_datasets.capture import (
     CaptureOptions,
     CaptureProcessor,
     _Store,
-    capture,
     layer_factors,
+    trace,
 )
 from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.models import load_pipeline
@@ -58,7 +58,7 @@ def test_capture_does_not_change_the_image(pipe):
     noise = latents(2)
     prompts = ["a photo of a bird", "a photo of a dog"]
     plain = run(pipe, prompts, noise)
-    with capture(pipe, [[5], [5]], CaptureOptions(affinity_factor=1)) as cap:
+    with trace(pipe, [[5], [5]], CaptureOptions(affinity_factor=1)) as cap:
         captured = run(pipe, prompts, noise)
     assert np.abs(plain - captured).max() <= 1 / 255
     result = cap.result()
@@ -73,7 +73,7 @@ def test_capture_does_not_change_the_image(pipe):
 
 
 def test_maps_are_averages_of_probabilities(pipe):
-    with capture(pipe, [[1, 5]]) as cap:
+    with trace(pipe, [[1, 5]]) as cap:
         run(pipe, ["a photo of a bird"], latents(1))
     for maps in cap.result().cross.values():
         assert maps.dtype == np.float32
@@ -81,33 +81,33 @@ def test_maps_are_averages_of_probabilities(pipe):
 
 
 def test_step_range_accumulates_only_those_steps(pipe):
-    with capture(pipe, [[5]], CaptureOptions(steps=(1, 2))) as cap:
+    with trace(pipe, [[5]], CaptureOptions(steps=(1, 2))) as cap:
         run(pipe, ["a photo of a bird"], latents(1))
     assert cap.result().steps == 1
 
 
 def test_resolution_selection(pipe):
-    with capture(pipe, [[5]], CaptureOptions(cross_factors=(2,))) as cap:
+    with trace(pipe, [[5]], CaptureOptions(cross_factors=(2,))) as cap:
         run(pipe, ["a photo of a bird"], latents(1))
     assert set(cap.result().cross) == {(4, 4)}
     with pytest.raises(DiffuMaskError, match=r"no cross-attention at factor\(s\) \[8\]"):
-        with capture(pipe, [[5]], CaptureOptions(cross_factors=(8,))):
+        with trace(pipe, [[5]], CaptureOptions(cross_factors=(8,))):
             pass
 
 
 def test_without_guidance_the_whole_batch_is_read(pipe):
-    with capture(pipe, [[5]], CaptureOptions(conditional_half=False)) as cap:
+    with trace(pipe, [[5]], CaptureOptions(conditional_half=False)) as cap:
         run(pipe, ["a photo of a bird"], latents(1), guidance_scale=1.0)
     assert cap.result().cross[(8, 8)].shape == (1, 1, 8, 8)
 
 
 def test_processors_restored_after_success_and_error(pipe):
     before = dict(pipe.unet.attn_processors)
-    with capture(pipe, [[5]]):
+    with trace(pipe, [[5]]):
         assert any(isinstance(p, CaptureProcessor) for p in pipe.unet.attn_processors.values())
     assert dict(pipe.unet.attn_processors) == before
     with pytest.raises(RuntimeError, match="boom"):
-        with capture(pipe, [[5]]):
+        with trace(pipe, [[5]]):
             raise RuntimeError("boom")
     assert dict(pipe.unet.attn_processors) == before
     assert not pipe.unet._forward_pre_hooks
@@ -119,7 +119,7 @@ def test_unwrappable_processor_is_refused(pipe):
     pipe.unet.set_attn_processor({**originals, name: SlicedAttnProcessor(2)})
     try:
         with pytest.raises(DiffuMaskError, match=rf"{name}.*SlicedAttnProcessor"):
-            with capture(pipe, [[5]]):
+            with trace(pipe, [[5]]):
                 pass
     finally:
         pipe.unet.set_attn_processor({**originals})
@@ -139,7 +139,7 @@ def test_half_precision_pipelines(dtype):
     pipe = load_pipeline("builtin:tiny-random", dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     try:
-        with capture(pipe, [[5]]) as cap:
+        with trace(pipe, [[5]]) as cap:
             run(pipe, ["a photo of a bird"], latents(1).to(dtype), num_inference_steps=2)
     except RuntimeError as err:  # some CPU builds lack half kernels for convolutions
         pytest.skip(f"{dtype} not runnable on this CPU: {err}")
@@ -150,7 +150,7 @@ def test_half_precision_pipelines(dtype):
 def test_sdxl_unet():
     pipe = load_pipeline("builtin:tiny-random-xl")
     pipe.set_progress_bar_config(disable=True)
-    with capture(pipe, [[5]], CaptureOptions(affinity_factor=2)) as cap:
+    with trace(pipe, [[5]], CaptureOptions(affinity_factor=2)) as cap:
         pipe(
             prompt="a photo of a bird",
             latents=latents(1),
