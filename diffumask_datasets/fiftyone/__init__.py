@@ -1,0 +1,136 @@
+"""FiftyOne integration: look at generated samples, filter, re-threshold, export.
+
+```python
+from diffumask_datasets.fiftyone import to_fiftyone
+
+ds = to_fiftyone("OUT")                 # a generated dataset folder (the store)
+ds = to_fiftyone(hf_dataset)            # or a Hugging Face datasets.Dataset
+session = fo.launch_app(ds)
+```
+
+Importing this package does not import fiftyone (the CLI imports it for `app` and
+`plugin` only); `to_fiftyone`, `materialize` and `DiffuMaskDataset` import it on use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DiffuMaskError
+from .media import (
+    MediaIndex,
+    Source,
+    default_media_dir,
+    is_media_dir,
+    read_media,
+    write_media,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import fiftyone as fo
+
+__all__ = ["to_fiftyone", "materialize", "DiffuMaskDataset", "DiffuMaskDatasetImporter"]
+
+
+def __getattr__(name: str) -> Any:
+    # the importer module imports fiftyone: load it only when asked for
+    if name in ("DiffuMaskDataset", "DiffuMaskDatasetImporter"):
+        from . import importer
+
+        return getattr(importer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _source(source: Any) -> Source:
+    from .sources import source_from_hf, source_from_store
+
+    if _is_hf_dataset(source):
+        return source_from_hf(source)
+    if isinstance(source, (str, os.PathLike)):
+        from ..store import open_store
+
+        return source_from_store(open_store(source))
+    if hasattr(source, "records") and hasattr(source, "manifest"):
+        return source_from_store(source)
+    raise DiffuMaskError(
+        f"cannot load {type(source).__name__} into FiftyOne; give a generated dataset "
+        "folder (diffumask generate ... --out DIR), an opened Store or a datasets.Dataset"
+    )
+
+
+def _is_hf_dataset(source: Any) -> bool:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(source, datasets.Dataset)
+
+
+def materialize(
+    source: Any, media_dir: str | os.PathLike | None = None, progress: bool | None = None
+) -> MediaIndex:
+    """Write `source`'s samples as files FiftyOne can show (once: a folder that already
+    holds this source is reused). Returns the folder's index.
+
+    `source`: a generated dataset folder, an opened `Store`, a `datasets.Dataset`, or a
+    media folder written before (returned as is). `media_dir` defaults to a folder per
+    source fingerprint under FiftyOne's dataset directory (~/fiftyone).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise DiffuMaskError(
+                f"{path} does not exist; give a generated dataset folder "
+                "(diffumask generate ... --out DIR)"
+            )
+        if is_media_dir(path):
+            return read_media(path)
+    src = _source(source)
+    target = (
+        Path(media_dir) if media_dir is not None else default_media_dir(src.fingerprint, src.name)
+    )
+    return write_media(src, target, progress=True if progress is None else bool(progress))
+
+
+def to_fiftyone(
+    source: Any,
+    name: str | None = None,
+    persistent: bool = False,
+    media_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> fo.Dataset:
+    """Load generated samples into a new FiftyOne dataset.
+
+    Fields: `ground_truth` (Segmentation, mask targets from the definition, 255 =
+    "ignore"), `attention_<class>` (Heatmap of the soft attention map in [0, 1], one per
+    class present), `classes` (Classifications), `prompt`, `seed`, `model`, `quality`,
+    `mask_area`, `ignore_area`, `class_areas`, `refinement` (method, parameters, chain),
+    `index` (the sample's index in the store).
+
+    Args:
+        source: a generated dataset folder, an opened Store, a `datasets.Dataset`, or a
+            media folder written before
+        name: the FiftyOne dataset name (default: generated)
+        persistent: keep the dataset in the database after the process exits
+        media_dir: where images, masks and maps are written (once; reused later)
+        overwrite: replace an existing FiftyOne dataset of the same name
+        progress: show progress bars (default: on)
+    """
+    import fiftyone as fo
+
+    from .importer import DiffuMaskDatasetImporter
+
+    if name is not None and fo.dataset_exists(name) and not overwrite:
+        raise DiffuMaskError(
+            f"FiftyOne dataset {name!r} already exists; pass overwrite=True to replace it, "
+            f"or fo.load_dataset({name!r}) to open it"
+        )
+    index = materialize(source, media_dir=media_dir, progress=progress)
+    importer = DiffuMaskDatasetImporter(dataset_dir=str(index.root))
+    importer.index = index
+    return fo.Dataset.from_importer(
+        importer, name=name, persistent=persistent, overwrite=overwrite, progress=progress
+    )
