@@ -233,8 +233,14 @@ def definition_path(name_or_path: str | Path) -> Path:
     """The YAML file meant by a built-in name ("voc", "diffumask-voc") or a path."""
     text = str(name_or_path)
     candidate = Path(text).expanduser()
+    builtins = builtin_definitions()
+    # A built-in name wins over a same-named folder in the working directory (a "voc"
+    # export lying there must not shadow the definition).
     looks_like_path = (
-        candidate.suffix in (".yaml", ".yml") or "/" in text or "\\" in text or candidate.exists()
+        candidate.suffix in (".yaml", ".yml")
+        or "/" in text
+        or "\\" in text
+        or (text.removeprefix("diffumask-") not in builtins and candidate.exists())
     )
     if looks_like_path:
         if candidate.is_dir():
@@ -246,7 +252,6 @@ def definition_path(name_or_path: str | Path) -> Path:
             )
         return candidate
     name = text.removeprefix("diffumask-")
-    builtins = builtin_definitions()
     if name not in builtins:
         close = difflib.get_close_matches(name, builtins, n=2)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

@@ -37,7 +37,7 @@ def render(template: str, cls: ClassDef, sub_class: str = "", other: ClassDef | 
     if other is not None:
         text = text.replace("{other}", other.prompt)
     text = re.sub(r"\s+", " ", text).strip()
-    return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", text)
+    return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])(?!(?i:eu|uni|use|one|once|ur))", r"\1n ", text)
 
 
 def _sample_seed(base: int, index: int) -> int:
