@@ -325,8 +325,10 @@ def _templates(value: Any, where: str, needed: Sequence[str]) -> tuple[str, ...]
 
 
 def mentions(prompt: str, phrase: str) -> bool:
-    """True when `phrase` appears in `prompt` as whole words (case-insensitive)."""
-    return re.search(rf"(?<![\w]){re.escape(phrase.lower())}(?![\w])", prompt.lower()) is not None
+    """True when `phrase` (or its plural in -s/-es, as the engine also accepts) appears in
+    `prompt` as whole words, ignoring case."""
+    pattern = rf"(?<![\w]){re.escape(phrase.lower())}(?:e?s)?(?![\w])"
+    return re.search(pattern, prompt.lower()) is not None
 
 
 def _parse(data: Any, source: str) -> Definition:

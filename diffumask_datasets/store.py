@@ -494,6 +494,7 @@ def create_store(path: str | Path, manifest: dict, resume: bool = False) -> Stor
     """
     path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
+    had_work_dir = (path / WORK_DIR).exists()
     with file_lock(path / WORK_DIR / "store.lock"):
         manifest_path = path / MANIFEST
         if manifest_path.is_file():
@@ -516,6 +517,10 @@ def create_store(path: str | Path, manifest: dict, resume: bool = False) -> Stor
             return Store(path, existing)
         others = [p.name for p in path.iterdir() if p.name not in (WORK_DIR,)]
         if others:
+            if not had_work_dir:  # leave the user's folder as it was
+                (path / WORK_DIR / "store.lock").unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    (path / WORK_DIR).rmdir()
             raise DiffuMaskError(
                 f"{str(path)!r} is not empty and not a DiffuMask dataset (it holds "
                 f"{others[0]!r}); choose an empty or new directory"

@@ -1,0 +1,226 @@
+"""The shard store and build_dataset: layout, resume, refusal, concurrency, write_store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffumask_datasets.build import GenerationConfig, build_dataset
+from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.store import MANIFEST, open_store, write_store
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(
+    model="builtin:tiny-random",
+    classes=["bird", "dog"],
+    num_inference_steps=3,
+    resolution=64,
+    seed=0,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # CPU kernels round differently with other thread counts; every run compared in
+    # this module (subprocesses too) uses one thread.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class NoEngine:
+    """Stands in for the engine where nothing may be generated."""
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("the engine was called although every shard was complete")
+
+
+def config(**changes) -> GenerationConfig:
+    return GenerationConfig(**{**SMALL, "images_per_class": 3, "shard_size": 2, **changes})
+
+
+def as_tuples(store) -> list[tuple]:
+    """Everything of every record, as comparable values."""
+    rows = []
+    for r in store.records():
+        rows.append(
+            (
+                r.index,
+                r.prompt,
+                r.seed,
+                tuple(r.classes),
+                round(r.quality, 6),
+                np.asarray(r.image).tobytes(),
+                r.mask.tobytes(),
+                tuple((k, v.astype(np.float32).tobytes()) for k, v in sorted(r.attention.items())),
+            )
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny):
+    out = tmp_path_factory.mktemp("store") / "birds"
+    store = build_dataset(out, "voc", config(), progress=False, engine=tiny)
+    return store
+
+
+def test_store_layout_and_records(built):
+    store = built
+    assert len(store) == 6 and store.num_shards == 3
+    assert [p.name for p in sorted((store.path / "data").iterdir())] == [
+        f"train-0000{k}-of-00003.parquet" for k in range(3)
+    ]
+    manifest = json.loads((store.path / MANIFEST).read_text())
+    assert manifest["definition"]["name"] == "voc"
+    assert manifest["config"]["classes"] == ["bird", "dog"]
+    assert len(manifest["fingerprint"]) == 64
+    records = list(store.records())
+    assert [r.index for r in records] == list(range(6))
+    assert [r.classes for r in records] == [["bird"]] * 3 + [["dog"]] * 3
+    for r in records:
+        assert r.image.mode == "RGB" and r.image.size == (64, 64)
+        assert r.mask.dtype == np.uint8 and r.mask.shape == (64, 64)
+        assert set(np.unique(r.mask)) <= {0, 3, 12, 255}
+        # low-resolution float maps: resolution // 8, stored as float16
+        (name,) = r.attention
+        assert r.attention[name].shape == (8, 8) and r.attention[name].dtype == np.float32
+        assert 0.0 <= r.attention[name].min() <= r.attention[name].max() <= 1.0
+        assert r.meta["refinement"]["chain"] and r.meta["model"] == "builtin:tiny-random"
+        assert 0.0 <= r.quality <= 1.0
+    assert store.class_names[3] == "bird" and store.class_names[0] == "background"
+
+
+def test_shards_are_readable_by_datasets_directly(built, tmp_path):
+    import datasets
+
+    ds = datasets.load_dataset(
+        "parquet", data_dir=str(built.path), split="train", cache_dir=str(tmp_path)
+    )
+    assert len(ds) == len(built)
+    assert isinstance(ds.features["mask"], datasets.Image)
+    assert ds.features["classes"].feature.names[12] == "dog"
+    records = list(built.records())
+    for row, record in zip(ds, records, strict=True):
+        assert row["mask"].mode == "L"
+        assert np.array_equal(np.asarray(row["mask"]), record.mask)
+        assert np.asarray(row["attention"]).shape == (1, 8, 8)
+
+
+def test_resume_skips_complete_shards_and_gives_the_same_store(built):
+    again = build_dataset(
+        built.path, "voc", config(), resume=True, progress=False, engine=NoEngine()
+    )
+    assert as_tuples(again) == as_tuples(built)
+
+
+def test_batch_size_is_not_part_of_the_settings(built):
+    again = build_dataset(
+        built.path, "voc", config(batch_size=1), resume=True, progress=False, engine=NoEngine()
+    )
+    assert len(again) == len(built)
+
+
+def test_existing_store_without_resume_is_refused(built):
+    with pytest.raises(DiffuMaskError, match="resume"):
+        build_dataset(built.path, "voc", config(), progress=False, engine=NoEngine())
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"num_inference_steps": 4}, "num_inference_steps"),
+        ({"classes": ["bird"]}, "classes"),
+        ({"seed": 1}, "seed"),
+    ],
+)
+def test_resume_with_other_settings_is_refused_naming_them(built, change, named):
+    with pytest.raises(DiffuMaskError, match=named):
+        build_dataset(built.path, "voc", config(**change), resume=True, engine=NoEngine())
+
+
+def test_a_missing_shard_is_regenerated_identically(built, tiny, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built.path, copy)
+    (copy / "data" / "train-00001-of-00003.parquet").unlink()
+    with pytest.raises(DiffuMaskError, match="incomplete"):
+        open_store(copy)
+    store = build_dataset(copy, "voc", config(), resume=True, progress=False, engine=tiny)
+    assert as_tuples(store) == as_tuples(built)
+
+
+def test_open_store_errors_name_the_path(tmp_path):
+    with pytest.raises(DiffuMaskError, match="does not exist"):
+        open_store(tmp_path / "nowhere")
+    with pytest.raises(DiffuMaskError, match="manifest.json"):
+        open_store(tmp_path)
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(DiffuMaskError, match="corrupt"):
+        open_store(tmp_path)
+
+
+def test_a_folder_with_other_files_is_not_taken_over(tmp_path):
+    (tmp_path / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(DiffuMaskError, match="not empty"):
+        build_dataset(tmp_path, "voc", config(), engine=NoEngine())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["holiday.jpg"]
+
+
+def test_write_store_keeps_indices_and_is_complete(built, tmp_path):
+    kept = [r for r in built.records() if r.index % 2 == 0]
+    manifest = {**built.manifest, "shard_size": 2, "filter": {"note": "even indices"}}
+    copy = write_store(tmp_path / "even", iter(kept), manifest)
+    assert len(copy) == 3 and copy.num_shards == 2
+    assert [r.index for r in copy.records()] == [0, 2, 4]
+    assert copy.manifest["filter"] == {"note": "even indices"}
+    with pytest.raises(DiffuMaskError, match="not empty"):
+        write_store(tmp_path / "even", iter(kept), manifest)
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    from diffumask_datasets.build import GenerationConfig, build_dataset
+    config = GenerationConfig(model="builtin:tiny-random", classes=["bird", "dog"],
+        images_per_class=3, num_inference_steps=3, resolution=64, seed=0, shard_size=1)
+    store = build_dataset(sys.argv[1], "voc", config, resume=True, progress=False)
+    print(len(store))
+    """
+)
+
+
+def test_two_processes_filling_one_store_give_the_uninterrupted_result(tmp_path, tiny):
+    reference = build_dataset(
+        tmp_path / "reference", "voc", config(shard_size=1), progress=False, engine=tiny
+    )
+    shared = tmp_path / "shared"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(shared)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:
+        out, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-2000:]
+        assert out.strip().splitlines()[-1] == "6"
+    assert as_tuples(open_store(shared)) == as_tuples(reference)
+    assert not [p for p in (shared / ".work").iterdir() if p.suffix == ".tmp"]
