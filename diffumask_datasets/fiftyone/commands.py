@@ -194,12 +194,27 @@ def app(
     if not _plugin_installed():
         click.echo("tip: `diffumask plugin install` adds the DiffuMask operators to the App")
     click.echo("serving until interrupted (Ctrl-C)", err=True)
+    _stop_on_signals()
     try:
         session.wait(-1)
     except KeyboardInterrupt:
         click.echo("stopped", err=True)
     finally:
         session.close()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and `kill` both stop the App cleanly (the server subprocess included):
+    SIGINT may arrive ignored (a shell's background job), and SIGTERM would otherwise
+    skip the clean-up."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _plugin_installed() -> bool:

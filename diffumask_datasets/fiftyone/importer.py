@@ -203,6 +203,12 @@ class DiffuMaskDatasetImporter(foud.LabeledImageDatasetImporter, foud.BatchDatas
             num_docs=len(self._samples),
         )
         foud.parse_dataset_info(dataset, self.get_dataset_info())
+        if dataset.app_config.active_fields is None:
+            # the grid opens with masks over the images and the class tags
+            dataset.app_config.active_fields = fo.ActiveFields(paths=[GROUND_TRUTH, CLASSES_FIELD])
+        if dataset.app_config.color_scheme is None:
+            # one colour per class rather than one per field: bird and dog differ
+            dataset.app_config.color_scheme = fo.ColorScheme(color_by="value")
         dataset.save()
         return [str(i) for i in ids]
 
