@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from diffumask_datasets.cli import main
+from diffumask_datasets.cli import main, open_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -286,8 +289,6 @@ def test_export_into_a_non_empty_directory_is_refused(small_store, tmp_path):
 
 
 def test_filter_keeps_good_samples_as_a_new_store(small_store, tmp_path):
-    from diffumask_datasets.store import open_store
-
     result = invoke(
         "filter",
         str(small_store),
@@ -300,7 +301,7 @@ def test_filter_keeps_good_samples_as_a_new_store(small_store, tmp_path):
     )
     kept = [r for r in synthetic_records() if r.quality >= 0.4 and "dog" in r.classes]
     assert f"kept {len(kept)} of 6" in result.stdout
-    store = open_store(tmp_path / "F")
+    store = open_dataset(tmp_path / "F")
     got = list(store.records())
     assert [r.index for r in got] == [r.index for r in kept]
     for a, b in zip(got, kept, strict=True):
@@ -378,3 +379,202 @@ def test_info_and_export_as_real_subprocesses(small_store, tmp_path):
     )
     again = run_cli("export", str(small_store), "--format", "voc", "--to", str(tmp_path / "V"))
     assert_one_line_error(again, "not empty", "--overwrite", code=1)
+
+
+# -- generate with the built-in tiny model -------------------------------------------------
+
+
+def store_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file that makes up a store (shards and manifest)."""
+    files = [path / "manifest.json", *sorted((path / "data").glob("*.parquet"))]
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_generate_then_export_voc_and_coco_with_identical_masks(tmp_path):
+    """The issue's Done-when, through the CLI: generate, export twice, read back."""
+    from pycocotools.coco import COCO
+
+    out = tmp_path / "OUT"
+    result = invoke("generate", "voc", *TINY, "--out", str(out))
+    assert "4 samples" in result.stdout
+    masks = {r.index: r.mask for r in open_dataset(out).records()}
+    assert sorted(masks) == [0, 1, 2, 3]
+    invoke("export", str(out), "--format", "voc", "--to", str(tmp_path / "V"))
+    invoke("export", str(out), "--format", "coco", "--to", str(tmp_path / "C"))
+
+    voc = tmp_path / "V/VOCdevkit/VOC2012"
+    names = (voc / "ImageSets/Segmentation/trainval.txt").read_text().split()
+    assert names == [f"{i:06d}" for i in range(4)]
+    for name in names:
+        target = Image.open(voc / "SegmentationClass" / f"{name}.png")
+        assert target.mode == "P"
+        np.testing.assert_array_equal(np.array(target), masks[int(name)])
+        assert Image.open(voc / "JPEGImages" / f"{name}.jpg").convert("RGB").size == (64, 64)
+
+    seen = []
+    for split in ("train", "val"):
+        coco = COCO(str(tmp_path / "C/annotations" / f"instances_{split}.json"))
+        assert {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}[3] == "bird"
+        for image in coco.loadImgs(coco.getImgIds()):
+            mask = masks[image["diffumask_index"]]
+            seen.append(image["diffumask_index"])
+            for class_id in (3, 12):
+                union = np.zeros(mask.shape, bool)
+                for ann in coco.loadAnns(coco.getAnnIds(imgIds=image["id"], catIds=[class_id])):
+                    union |= coco.annToMask(ann).astype(bool)
+                np.testing.assert_array_equal(union, mask == class_id)
+    assert sorted(seen) == [0, 1, 2, 3]
+
+
+def shard_per_sample_definition(tmp_path: Path) -> Path:
+    """The voc definition with one sample per shard, so a killed run keeps some shards."""
+    text = (REPO / "builders/voc/definition.yaml").read_text()
+    assert "shard_size: 64" in text
+    path = tmp_path / "voc-shard1.yaml"
+    path.write_text(text.replace("shard_size: 64", "shard_size: 1"))
+    return path
+
+
+def run_and_stop(args: list[str], stop_when, sig: int, timeout: float = 300):
+    """Run the CLI in a subprocess and send `sig` as soon as `stop_when()` holds."""
+    proc = subprocess.Popen(
+        [*diffumask_command(), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    deadline = time.monotonic() + timeout
+    stopped = False
+    while proc.poll() is None and time.monotonic() < deadline:
+        if stop_when():
+            proc.send_signal(sig)
+            stopped = True
+            break
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=120)
+    assert stopped, f"the run ended before the stop condition held:\n{stderr}"
+    return proc.returncode, stderr
+
+
+def test_kill_and_resume_equals_a_clean_run(tmp_path):
+    definition = shard_per_sample_definition(tmp_path)
+    args = ["generate", str(definition), *TINY, "--per-class", "3", "--batch-size", "2"]
+    clean = tmp_path / "clean"
+    # A subprocess like the others: torch's float sums depend on its thread count, so
+    # byte equality is a promise for runs on the same machine with the same settings.
+    done = run_cli(*args, "--out", str(clean))
+    assert done.returncode == 0, done.stderr
+    expected = store_digest(clean)
+    assert len(expected) == 7  # manifest + 6 one-sample shards
+
+    out = tmp_path / "killed"
+    shards = lambda: len(list((out / "data").glob("*.parquet")))  # noqa: E731
+    # 1. kill -9 as soon as the store exists, before any shard is written
+    code, _ = run_and_stop(
+        [*args, "--out", str(out)], lambda: (out / "manifest.json").exists(), signal.SIGKILL
+    )
+    assert code == -signal.SIGKILL
+    # without --resume the half-made store is refused, and left as it is
+    refused = run_cli(*args, "--out", str(out), timeout=120)
+    assert_one_line_error(refused, str(out), "--resume", code=1)
+    # 2. kill -9 in the middle, with some shards written
+    code, _ = run_and_stop(
+        [*args, "--out", str(out), "--resume"], lambda: shards() >= 2, signal.SIGKILL
+    )
+    assert code == -signal.SIGKILL
+    assert 2 <= shards() < 6
+    # 3. Ctrl-C in the middle: one line that says how to continue
+    before = shards()
+    code, stderr = run_and_stop(
+        [*args, "--out", str(out), "--resume"], lambda: shards() > before, signal.SIGINT
+    )
+    assert code == 130
+    assert_one_line_error(
+        subprocess.CompletedProcess([], code, "", stderr), "interrupted", "--resume"
+    )
+    # 4. finish
+    final = run_cli(*args, "--out", str(out), "--resume")
+    assert final.returncode == 0, final.stderr
+    assert store_digest(out) == expected  # the same files, byte for byte
+    assert [r.index for r in open_dataset(out).records()] == list(range(6))
+    assert not list((out / ".work").glob("*.tmp"))
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "OUT"
+    invoke("generate", "voc", *TINY, "--per-class", "1", "--out", str(out))
+    before = store_digest(out)
+    result = CliRunner().invoke(
+        main,
+        [
+            "generate",
+            "voc",
+            *TINY,
+            "--per-class",
+            "1",
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+            "--resume",
+        ],
+    )
+    assert_one_line_error(result, str(out), "num_inference_steps", code=1)
+    assert store_digest(out) == before
+
+
+# -- bad input to generate: one line naming the value and the fix -------------------------
+
+
+def generate_error(tmp_path: Path, *args: str, code: int = 1) -> str:
+    out = tmp_path / "never"
+    result = CliRunner().invoke(main, ["generate", *args, "--out", str(out)])
+    error = assert_one_line_error(result, code=code)
+    assert not out.exists() or not any(out.iterdir())
+    return error
+
+
+def test_unknown_dataset_lists_close_matches(tmp_path):
+    error = generate_error(tmp_path, "vco")
+    assert "'vco'" in error and "'voc'" in error and "shapes" in error
+
+
+def test_unknown_class_lists_close_matches(tmp_path):
+    error = generate_error(tmp_path, "voc", "--classes", "bird,dgo")
+    assert "'dgo'" in error and "Did you mean 'dog'" in error
+
+
+def test_missing_definition_file_names_it(tmp_path):
+    missing = tmp_path / "mine.yaml"
+    error = generate_error(tmp_path, str(missing))
+    assert str(missing) in error and "does not exist" in error
+
+
+def test_corrupt_definition_file_names_it(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: mine\nclasses: [ {id: 1, name: cat\n")
+    error = generate_error(tmp_path, str(broken))
+    assert str(broken) in error and "YAML" in error
+
+
+def test_definition_class_name_with_path_characters_is_refused(tmp_path):
+    path = tmp_path / "paths.yaml"
+    path.write_text("name: paths\nclasses:\n  - {id: 1, name: ../cat, prompt: cat}\n")
+    error = generate_error(tmp_path, str(path))
+    assert "'../cat'" in error and str(path) in error
+
+
+def test_generate_into_a_non_empty_directory_is_refused(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["generate", "voc", *TINY, "--out", str(out)])
+    assert_one_line_error(result, str(out), "not empty", "--resume", code=1)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_unavailable_model_offline_is_one_line(tmp_path):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    error = generate_error(tmp_path, "voc", *TINY, "--model", "nobody/no-such-diffusion-model")
+    assert "'nobody/no-such-diffusion-model'" in error and "builtin:tiny-random" in error
