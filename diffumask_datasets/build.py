@@ -317,7 +317,12 @@ def build_dataset(
     finally:
         if bar is not None:
             bar.close()
-    return open_store(store.path)
+    store = open_store(store.path)
+    if not (store.path / "README.md").is_file():
+        from diffumask_datasets.cards import write_card
+
+        write_card(store)
+    return store
 
 
 def _batches(records: Iterator[Record]) -> Iterator[int]:

@@ -26,20 +26,13 @@ import datasets
 
 import _diffumask_datasets_hook as _hook
 from diffumask_datasets.build import GenerationConfig, iter_store, plan_for, prepare
+from diffumask_datasets.cards import CITATION, PAPER, model_license, render_card
 from diffumask_datasets.definitions import Definition, definition_path, load_definition
 from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.store import Store, record_to_row, store_features
 
 STORES_FOLDER = "diffumask_stores"
-CITATION = """@inproceedings{wu2023diffumask,
-  title     = {DiffuMask: Synthesizing Images with Pixel-level Annotations for Semantic
-               Segmentation Using Diffusion Models},
-  author    = {Wu, Weijia and Zhao, Yuzhong and Shou, Mike Zheng and Zhou, Hong and
-               Shen, Chunhua},
-  booktitle = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
-  year      = {2023}
-}"""
-HOMEPAGE = "https://arxiv.org/abs/2303.11681"
+HOMEPAGE = PAPER
 
 
 def dataset_module(name: str, data_dir: str | None, data_files: Any, download_config: Any):
@@ -176,8 +169,6 @@ class DiffuMaskBuilder(datasets.GeneratorBasedBuilder):
     # -- the three builder methods ----------------------------------------------------
     def _info(self) -> datasets.DatasetInfo:
         definition, config = self._definition(), self._generation_config()
-        from diffumask_datasets.cards import model_license
-
         return datasets.DatasetInfo(
             description=definition.description or definition.title,
             features=store_features(definition.class_names, config.attention_size),
@@ -228,4 +219,4 @@ def _key(shard: int, index: int):
 # Importing this module registers the names too (where the .pth hook is not installed).
 _hook.register()
 
-__all__ = ["DiffuMaskBuilder", "DiffuMaskConfig", "dataset_module", "CITATION"]
+__all__ = ["DiffuMaskBuilder", "DiffuMaskConfig", "dataset_module", "render_card"]

@@ -435,12 +435,9 @@ def open_store(path: str | Path, allow_incomplete: bool = False) -> Store:
 
 
 def _package_version() -> str:
-    try:
-        from importlib.metadata import version
+    from diffumask_datasets import __version__
 
-        return version("diffumask-datasets")
-    except Exception:
-        return "unknown"
+    return __version__
 
 
 def _manifest(definition, config, fingerprint, num_samples, shard_size, attention_size, extra):
@@ -570,4 +567,8 @@ def write_store(dest: str | Path, records: Iterable[Record], manifest: dict) -> 
     for k, part in enumerate(parts):
         os.replace(part, store.shard_path(k))
     _write_json_atomic(dest / MANIFEST, manifest)
-    return open_store(dest)
+    store = open_store(dest)
+    from diffumask_datasets.cards import write_card
+
+    write_card(store)
+    return store

@@ -224,3 +224,70 @@ def test_two_processes_filling_one_store_give_the_uninterrupted_result(tmp_path,
         assert out.strip().splitlines()[-1] == "6"
     assert as_tuples(open_store(shared)) == as_tuples(reference)
     assert not [p for p in (shared / ".work").iterdir() if p.suffix == ".tmp"]
+
+
+# -- dataset cards ----------------------------------------------------------------------
+
+
+def test_card_is_rendered_with_real_statistics_and_valid_hub_metadata(built):
+    import re
+
+    import yaml
+
+    from diffumask_datasets.cards import render_card, validate_card
+
+    text = (built.path / "README.md").read_text()  # written when the build completed
+    assert text == render_card(built)
+    card = validate_card(text)
+    header = yaml.safe_load(text.split("---\n")[1])
+    assert header["task_categories"] == ["image-segmentation"]
+    assert header["license"] == "apache-2.0"  # the built-in model's license
+    assert header["size_categories"] == ["n<1K"]
+    assert header["configs"][0]["data_files"][0]["split"] == "train"
+    assert card.data.pretty_name == "DiffuMask PASCAL VOC"
+    assert not re.findall(r"\$[a-z_]+", text.split("---\n", 2)[2])  # every placeholder filled
+    masks = [r.mask for r in built.records()]
+    for name, class_id in (("bird", 3), ("dog", 12)):
+        pixels = sum(int((m == class_id).sum()) for m in masks)
+        row = next(
+            line for line in text.splitlines() if line.startswith(f"| {class_id} | {name} |")
+        )
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[2] == "3"  # images prompted
+        assert cells[4] == f"{pixels:,}"
+    assert "| 5 | bottle |" not in text  # classes the dataset was not made for are left out
+    assert "builtin:tiny-random" in text and "wu2023diffumask" in text
+    assert "Known limitations" in text
+
+
+def test_store_with_its_card_loads_as_a_dataset_folder(built, tmp_path):
+    import datasets
+
+    ds = datasets.load_dataset(str(built.path), split="train", cache_dir=str(tmp_path))
+    assert len(ds) == len(built) and ds.features["mask"] == datasets.Image()
+
+
+def test_every_definition_has_a_card_template():
+    from diffumask_datasets.definitions import builtin_definitions
+    from diffumask_datasets.resources import cards_dir
+
+    for name in [*builtin_definitions(), "diffumask"]:
+        assert (cards_dir() / f"{name}.md").is_file(), name
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "named"),
+    [
+        ("license: apache-2.0", "license: my-own", "license"),
+        ("- n<1K", "- lots", "size_categories"),
+        ("- image-segmentation", "- image-classification", "image-segmentation"),
+        ("  - split: train", "  - split: train-set", "train-set"),
+    ],
+)
+def test_card_validation_names_what_the_hub_would_refuse(built, old, new, named):
+    from diffumask_datasets.cards import validate_card
+
+    text = (built.path / "README.md").read_text()
+    assert old in text
+    with pytest.raises(DiffuMaskError, match=named):
+        validate_card(text.replace(old, new, 1))
