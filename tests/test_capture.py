@@ -161,3 +161,40 @@ def test_sdxl_unet():
     result = cap.result()
     assert set(result.cross) == {(4, 4)}
     assert result.affinity.shape == (1, 16, 16)
+
+
+def test_sd2_style_unet():
+    """SD 2.x: linear projections, per-block head dims, upcast attention, v-prediction."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tiny = load_pipeline("builtin:tiny-random")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=8,
+    ).eval()
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=tiny.vae,
+        text_encoder=tiny.text_encoder,
+        tokenizer=tiny.tokenizer,
+        scheduler=DDIMScheduler(prediction_type="v_prediction"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    plain = run(pipe, ["a photo of a bird"], latents(1))
+    with trace(pipe, [[5]], CaptureOptions(affinity_factor=1)) as cap:
+        captured = run(pipe, ["a photo of a bird"], latents(1))
+    assert np.abs(plain - captured).max() <= 1 / 255
+    result = cap.result()
+    assert set(result.cross) == {(8, 8), (4, 4)} and result.affinity.shape == (1, 64, 64)
