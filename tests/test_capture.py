@@ -186,7 +186,7 @@ def test_sd2_style_unet():
         vae=tiny.vae,
         text_encoder=tiny.text_encoder,
         tokenizer=tiny.tokenizer,
-        scheduler=DDIMScheduler(prediction_type="v_prediction"),
+        scheduler=DDIMScheduler(prediction_type="v_prediction", steps_offset=1, clip_sample=False),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
