@@ -178,6 +178,32 @@ def prepare(
     return create_store(out_dir, manifest, resume=resume), plan, definition, config
 
 
+def check_model_available(model: str) -> None:
+    """Fail fast, before any work, on a model that cannot be loaded here: an unknown
+    built-in alias, or a hub id missing from the local cache while HF_HUB_OFFLINE is set.
+    (Loading itself can still fail later; this catches the common cases in a second.)"""
+    from diffumask_datasets.models import BUILTINS
+
+    if model.startswith("builtin:"):
+        if model not in BUILTINS:
+            raise DiffuMaskError(
+                f"unknown built-in model {model!r}; the built-ins are {', '.join(BUILTINS)}"
+            )
+        return
+    if Path(model).expanduser().is_dir():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(
+        try_to_load_from_cache(model, "model_index.json"), str
+    ):
+        raise DiffuMaskError(
+            f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+            "set; download it once with network access, pass a local diffusers folder, or use "
+            f"a built-in model ({', '.join(BUILTINS)})"
+        )
+
+
 class EngineHolder:
     """Loads the DiffuMask engine on first use only: a fully generated store needs none."""
 

@@ -25,7 +25,13 @@ from typing import Any
 import datasets
 
 import _diffumask_datasets_hook as _hook
-from diffumask_datasets.build import GenerationConfig, iter_store, plan_for, prepare
+from diffumask_datasets.build import (
+    GenerationConfig,
+    check_model_available,
+    iter_store,
+    plan_for,
+    prepare,
+)
 from diffumask_datasets.cards import CITATION, PAPER, model_license, render_card
 from diffumask_datasets.definitions import Definition, definition_path, load_definition
 from diffumask_datasets.errors import DiffuMaskError
@@ -180,6 +186,9 @@ class DiffuMaskBuilder(datasets.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         definition, config = self._definition(), self._generation_config()
         store, _, _, _ = prepare(self.store_dir(), definition, config, resume=True)
+        if not store.is_complete():
+            # A clear error now, instead of one wrapped in DatasetGenerationError later.
+            check_model_available(config.model)
         return [
             datasets.SplitGenerator(
                 name=datasets.Split.TRAIN,

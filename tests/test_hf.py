@@ -245,3 +245,9 @@ def test_misuse_is_refused_with_the_fix(tmp_path):
         )
     with pytest.raises(DiffuMaskError, match="resolution"):
         load_dataset("diffumask-voc", cache_dir=str(tmp_path), **{**ARGS, "resolution": 60})
+    with pytest.raises(DiffuMaskError, match="HF_HUB_OFFLINE"):
+        load_dataset(
+            "diffumask-voc", cache_dir=str(tmp_path), **{**ARGS, "model": "nobody/no-model"}
+        )
+    with pytest.raises(DiffuMaskError, match="builtin:tiny-random"):
+        load_dataset("diffumask-voc", cache_dir=str(tmp_path), **{**ARGS, "model": "builtin:tiny"})
