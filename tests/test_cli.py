@@ -578,3 +578,33 @@ def test_unavailable_model_offline_is_one_line(tmp_path):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     error = generate_error(tmp_path, "voc", *TINY, "--model", "nobody/no-such-diffusion-model")
     assert "'nobody/no-such-diffusion-model'" in error and "builtin:tiny-random" in error
+
+
+def test_export_hf_with_the_rendered_card(small_store, tmp_path):
+    import datasets
+
+    from diffumask_datasets.cards import validate_card
+
+    dest = tmp_path / "H"
+    result = invoke(
+        "export", str(small_store), "--format", "hf", "--to", str(dest), "--val-fraction", "0.3"
+    )
+    assert "hf export" in result.stdout and "train 4, val 2" in result.stdout
+    card = (dest / "README.md").read_text()
+    validate_card(card)  # the Hub's metadata rules, offline
+    assert "path: data/validation-*-" in card and "bird" in card
+    loaded = datasets.load_dataset(str(dest), cache_dir=str(tmp_path / "cache"))
+    assert {k: len(v) for k, v in loaded.items()} == {"train": 4, "validation": 2}
+    masks = {r.index: r.mask for r in synthetic_records()}
+    for row in loaded["validation"]:
+        np.testing.assert_array_equal(np.asarray(row["mask"]), masks[row["index"]])
+
+    disk = tmp_path / "D"
+    invoke("export", str(small_store), "--format", "hf", "--to", str(disk), "--hf-layout", "disk")
+    assert sum(len(v) for v in datasets.load_from_disk(str(disk)).values()) == 6
+    assert (disk / "README.md").is_file()
+    bad = CliRunner().invoke(
+        main,
+        ["export", str(small_store), "--format", "voc", "--to", "x", "--push-to-hub", "me/x"],
+    )
+    assert_one_line_error(bad, "--push-to-hub", "--format hf", code=2)

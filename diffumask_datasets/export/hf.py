@@ -5,8 +5,9 @@ Two layouts:
 ```
 parquet (default, Hub-ready)              disk (Dataset.save_to_disk)
 DEST/README.md        the dataset card      DEST/README.md
-DEST/data/train-00000-of-00001.parquet      DEST/dataset_dict.json
-DEST/data/validation-00000-of-00001.parquet DEST/train/...  DEST/validation/...
+DEST/data/train-00000-of-00001-<digest>.parquet   DEST/dataset_dict.json
+DEST/data/validation-00000-of-00001-<digest>.parquet   DEST/train/...
+                                                       DEST/validation/...
 ```
 
 `load_dataset("DEST")` reads the parquet layout (the card's YAML names the splits and
@@ -22,8 +23,10 @@ Hugging Face token needed; not exercised by the tests, which run offline).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -51,37 +54,33 @@ def _attention_size(first: RecordLike, fallback: int = 8) -> int:
     return int(max(maps[0].shape)) if maps else fallback
 
 
-def card_yaml_configs(split_files: Mapping[str, str]) -> str:
-    """The card's `configs:` block, which tells `load_dataset` which files are which split."""
-    lines = ["configs:", "- config_name: default", "  data_files:"]
-    for split, pattern in split_files.items():
-        lines += [f"  - split: {split}", f"    path: {pattern}"]
-    return "\n".join(lines)
+def card_configs(split_files: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The card's `configs:` entry, which tells `load_dataset` which files are which split."""
+    data_files = [{"split": split, "path": pattern} for split, pattern in split_files.items()]
+    return [{"config_name": "default", "data_files": data_files}]
 
 
-def with_configs(card: str, configs: str) -> str:
-    """Put the `configs:` block into the card's YAML header (adding a header if it has
-    none, replacing a `configs:` block it has)."""
+def with_configs(card: str, configs: list[dict[str, Any]]) -> str:
+    """The card with its YAML header's `configs` set to `configs` (a header is added
+    when the card has none; the card's body is kept as it is)."""
+    import yaml
+
+    header: dict[str, Any] = {}
+    body = card
     if card.startswith("---\n"):
-        end = card.index("\n---", 4)
-        header, body = card[4:end], card[end + 4 :]
-        kept, skipping = [], False
-        for line in header.splitlines():
-            if line.startswith("configs:"):
-                skipping = True
-                continue
-            if skipping and (line.startswith(" ") or line.startswith("-")):
-                continue
-            skipping = False
-            kept.append(line)
-        header = "\n".join([*kept, configs])
-        return f"---\n{header}\n---{body}"
-    return f"---\n{configs}\n---\n\n{card}"
+        end = card.find("\n---", 3)
+        if end < 0:
+            raise DiffuMaskError("the dataset card's YAML header is not closed with '---'")
+        header = yaml.safe_load(card[4:end]) or {}
+        body = card[end + 4 :].lstrip("\n")
+    header["configs"] = configs
+    dumped = yaml.safe_dump(header, sort_keys=False, allow_unicode=True)
+    return f"---\n{dumped}---\n\n{body}"
 
 
 def render_dataset_card(store: Any, splits: Mapping[str, int]) -> str:
-    """The definition's dataset card, rendered by the HF module (issue 3's render_card)."""
-    from ..hf import render_card
+    """The definition's dataset card with the store's real figures (cards.render_card)."""
+    from ..cards import render_card
 
     return render_card(store, splits=dict(splits))
 
@@ -142,8 +141,14 @@ def export_hf(
     try:
         with staged_destination(Path(dest), overwrite, source) as root:
             cache = root / ".cache"
+            # An explicit fingerprint: datasets would otherwise try to hash (pickle) the
+            # generator, whose closure holds the store's record iterator.
             full = datasets.Dataset.from_generator(
-                rows, features=features, cache_dir=str(cache), keep_in_memory=False
+                rows,
+                features=features,
+                cache_dir=str(cache),
+                keep_in_memory=False,
+                fingerprint=f"diffumask-export-{uuid.uuid4().hex}",
             )
             indices = [int(i) for i in full["index"]]
             split_of = assign_splits(indices, val_fraction)
@@ -162,7 +167,7 @@ def export_hf(
                 split_files = {}
             text = card if card is not None else render_dataset_card(store, counts)
             if split_files:
-                text = with_configs(text, card_yaml_configs(split_files))
+                text = with_configs(text, card_configs(split_files))
             del dataset, parts, full
             shutil.rmtree(cache, ignore_errors=True)
             if layout == "disk":
@@ -184,15 +189,33 @@ def _chain(first: Any, rest: Iterable[Any]):
 
 
 def _write_parquet(dataset: Any, root: Path) -> dict[str, str]:
-    (root / "data").mkdir()
-    split_files = {}
+    """Write each split as Parquet files; returns {split: glob pattern for the card}.
+
+    The file names end in a digest of the files' contents, and so do the card's patterns:
+    `datasets` keys its cache for a local folder on the folder's name and the card's
+    data_files strings, not on the files, so with fixed patterns a second export into a
+    folder of the same name would load the first one's cached rows.
+    """
+    data = root / "data"
+    data.mkdir()
+    written: dict[str, list[Path]] = {}
     for split, part in dataset.items():
         count = max(1, -(-len(part) // ROWS_PER_PARQUET_FILE))
+        written[split] = []
         for k in range(count):
-            shard = part.shard(num_shards=count, index=k, contiguous=True)
-            shard.to_parquet(str(root / "data" / f"{split}-{k:05d}-of-{count:05d}.parquet"))
-        split_files[split] = f"data/{split}-*.parquet"
-    return split_files
+            path = data / f"{split}-{k:05d}-of-{count:05d}.parquet"
+            part.shard(num_shards=count, index=k, contiguous=True).to_parquet(str(path))
+            written[split].append(path)
+    digest = hashlib.sha256()
+    for paths in written.values():
+        for path in paths:
+            digest.update(path.name.encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    token = digest.hexdigest()[:12]
+    for paths in written.values():
+        for path in paths:
+            path.rename(path.with_name(f"{path.stem}-{token}.parquet"))
+    return {split: f"data/{split}-*-{token}.parquet" for split in written}
 
 
 def _push(dest: Path, repo_id: str, layout: str) -> None:
