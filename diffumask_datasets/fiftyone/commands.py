@@ -190,7 +190,10 @@ def app(
         dataset = to_fiftyone(index.root, name=name, persistent=True, overwrite=True)
     session = fo.launch_app(dataset, remote=True, address=address, port=port, auto=False)
     host = "localhost" if address in ("", "0.0.0.0") else address
-    click.echo(f"FiftyOne App: {len(dataset)} samples of {directory} at http://{host}:{port}/")
+    click.echo(
+        f"FiftyOne App: {len(dataset)} samples of {directory} (dataset {dataset.name!r}) "
+        f"at http://{host}:{port}/"
+    )
     if not _plugin_installed():
         click.echo("tip: `diffumask plugin install` adds the DiffuMask operators to the App")
     click.echo("serving until interrupted (Ctrl-C)", err=True)
