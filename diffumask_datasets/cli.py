@@ -277,6 +277,13 @@ def generate(
     )
     from .build import build_dataset
 
+    complete = complete_store(out, config.fingerprint(definition)) if resume else None
+    if complete is not None:
+        click.echo(f"{complete.path} is already complete ({len(complete)} samples)")
+        return
+    # transformers' notices (e.g. about torchvision-backed image processors the pipeline
+    # never uses) would bury the progress bar; a user's own setting wins.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     started = time.perf_counter()
     try:
         # The model loads before the store is created: a model that cannot be loaded
@@ -295,6 +302,18 @@ def generate(
     seconds = time.perf_counter() - started
     click.echo(f"{len(store)} samples in {store.path} ({seconds:.1f} s)")
     click.echo(f"next: {PROG} info {out}   |   {PROG} export {out} --format voc --to DEST")
+
+
+def complete_store(out: Path, fingerprint: str) -> Any:
+    """The store at `out` when it is complete and made with these settings, else None
+    (then build_dataset decides: continue it, or refuse other settings)."""
+    if not (out / "manifest.json").is_file():
+        return None
+    try:
+        store = open_dataset(out)
+    except DiffuMaskError:
+        return None
+    return store if store.fingerprint == fingerprint else None
 
 
 def check_definition_class_names(definition: Any) -> None:

@@ -505,6 +505,8 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     out = tmp_path / "OUT"
     invoke("generate", "voc", *TINY, "--per-class", "1", "--out", str(out))
     before = store_digest(out)
+    again = invoke("generate", "voc", *TINY, "--per-class", "1", "--out", str(out), "--resume")
+    assert "already complete" in again.stdout and "loading" not in again.output
     result = CliRunner().invoke(
         main,
         [
