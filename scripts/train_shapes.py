@@ -1,0 +1,521 @@
+"""Train the built-in shapes-world latent diffusion model (``builtin:shapes``) on CPU.
+
+Stages, each cached in the work folder so a rerun with ``--resume`` picks up where it
+stopped: (1) a word-level tokenizer from the world's vocabulary; (2) a small
+AutoencoderKL (64x64 RGB <-> 16x16x4 latent); (3) a fixed set of rendered scenes encoded
+to latents; (4) the text encoder and UNet2DConditionModel trained with the epsilon loss,
+plus an optional unsupervised attention-sharpness term (the entropy of each pixel's
+cross-attention distribution over tokens). Masks never enter training: they are read
+only by the localisation probe, which logs how well the cross-attention of the shape and
+colour words overlaps the objects in held-out scenes.
+
+    python scripts/train_shapes.py --work runs/shapes --minutes 80 --export \
+        diffumask_datasets/weights/shapes
+
+The run writes ``log.jsonl`` (loss, entropy, probe figures), ``ckpt.pt`` every few
+minutes, ``best.pt`` at the best probe so far, and exports a StableDiffusionPipeline
+folder (safetensors) from the best or the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffumask_datasets import shapes_world as sw  # noqa: E402
+
+SPECIALS = ("<pad>", "<unk>", "<start>", "<end>")
+MAX_LENGTH = 24
+
+
+# ---------------------------------------------------------------- tokenizer
+def build_tokenizer():
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(sw.CAPTION_WORDS))}
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    # Punctuation splits off as its own (unknown) token rather than gluing to a word.
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    core.post_processor = processors.TemplateProcessing(
+        single="<start> $A <end>",
+        special_tokens=[("<start>", vocab["<start>"]), ("<end>", vocab["<end>"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<start>",
+        eos_token="<end>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=MAX_LENGTH,
+    )
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=MAX_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+# ---------------------------------------------------------------- models
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        mid_block_add_attention=False,
+    )
+
+
+def make_text_encoder(tokenizer, layers: int, hidden: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_LENGTH,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def make_unet(args):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type=args.mid_block,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=args.text_hidden,
+        # Legacy diffusers naming: this is the number of heads.
+        attention_head_dim=args.heads,
+        norm_num_groups=8,
+        only_cross_attention=args.only_cross,
+    )
+
+
+def make_scheduler(kind: str = "ddpm"):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    common = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+    )
+    if kind == "ddim":
+        return DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1)
+    return DDPMScheduler(**common)
+
+
+# ---------------------------------------------------------------- attention read-out
+class RecordingProcessor:
+    """Plain attention math (same result as diffusers' default processor) that also keeps
+    each cross-attention's probabilities, so training can penalise their entropy and the
+    probe can read them."""
+
+    def __init__(self, sink: list, name: str):
+        self.sink = sink
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **kwargs):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, None)
+        if encoder_hidden_states is not None:
+            self.sink.append((self.name, attn.heads, probs))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def install_recorders(unet) -> list:
+    sink: list = []
+    processors = {}
+    for name in unet.attn_processors:
+        processors[name] = RecordingProcessor(sink, name)
+    unet.set_attn_processor(processors)
+    return sink
+
+
+def token_maps(records, batch: int, size: int = 64) -> torch.Tensor:
+    """Average recorded cross-attention over layers and heads: (batch, tokens, size, size),
+    each resolution upsampled bilinearly before averaging."""
+    total = None
+    for _, heads, probs in records:
+        n, q, t = probs.shape
+        side = int(math.isqrt(q))
+        maps = probs.reshape(batch, heads, side, side, t).mean(1).permute(0, 3, 1, 2)
+        maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+        total = maps if total is None else total + maps
+    return total / len(records)
+
+
+def query_entropy(records) -> torch.Tensor:
+    """Mean entropy (nats) of each query's distribution over tokens."""
+    values = [-(p * torch.log(p.clamp_min(1e-8))).sum(-1).mean() for _, _, p in records]
+    return torch.stack(values).mean()
+
+
+# ---------------------------------------------------------------- probe (evaluation only)
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def word_positions(tokenizer, caption: str) -> dict[str, int]:
+    ids = tokenize(tokenizer, [caption])[0].tolist()
+    vocab = tokenizer.get_vocab()
+    out = {}
+    for word in sw.CAPTION_WORDS:
+        if vocab[word] in ids:
+            out[word] = ids.index(vocab[word])
+    return out
+
+
+@torch.no_grad()
+def probe(unet, text_encoder, tokenizer, scheduler, probe_set, timesteps=(300, 600)) -> dict:
+    """IoU between the max-normalised, 0.5-thresholded cross-attention of an object's
+    shape word (and colour word) and the object's exact mask, on noised held-out scenes."""
+    latents, scenes = probe_set
+    sink = install_recorders(unet)
+    ids = tokenize(tokenizer, [s.caption for s in scenes])
+    states = text_encoder(ids)[0]
+    gen = torch.Generator().manual_seed(1234)
+    maps = 0
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=gen)
+        tt = torch.full((len(scenes),), t, dtype=torch.long)
+        noisy = scheduler.add_noise(latents, noise, tt)
+        sink.clear()
+        unet(noisy, tt, encoder_hidden_states=states)
+        maps = maps + token_maps(sink, len(scenes))
+    sink.clear()
+    maps = maps.numpy()
+    word = np.isin(ids.numpy(), [tokenizer.get_vocab()[w] for w in sw.CAPTION_WORDS])
+    # Share of each pixel's attention that goes to caption words (not start/end/pad).
+    word_mass = float((maps.sum(axis=(2, 3)) * word).sum() / maps.sum())
+    shape_ious, colour_ious, ratios, best = [], [], [], []
+    for i, scene in enumerate(scenes):
+        positions = word_positions(tokenizer, scene.caption)
+        for k, obj in enumerate(scene.objects):
+            inside = scene.instances == k + 1
+            if inside.sum() < 20:
+                continue
+            for word, bucket in ((obj.shape, shape_ious), (obj.colour, colour_ious)):
+                if word not in positions:
+                    continue
+                m = maps[i, positions[word]]
+                m = m / max(m.max(), 1e-8)
+                bucket.append(iou(m >= 0.5, inside))
+                if word == obj.shape:
+                    ratios.append(float(m[inside].mean() / max(m[~inside].mean(), 1e-8)))
+                    best.append(max(iou(m >= th, inside) for th in (0.3, 0.4, 0.5, 0.6, 0.7)))
+    return {
+        "probe_shape_iou": float(np.mean(shape_ious)),
+        "probe_colour_iou": float(np.mean(colour_ious)),
+        "probe_shape_best_iou": float(np.mean(best)),
+        "probe_in_out_ratio": float(np.median(ratios)),
+        "probe_word_mass": word_mass,
+    }
+
+
+# ---------------------------------------------------------------- stages
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    arr = np.stack(images).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def train_vae(work: Path, args, log) -> tuple:
+    path = work / "vae.pt"
+    vae = make_vae()
+    if path.exists():
+        state = torch.load(path, weights_only=False)
+        vae.load_state_dict(state["model"])
+        return vae, state["scale"]
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    start = time.time()
+    for step in range(args.vae_steps):
+        scenes = [sw.random_scene(rng) for _ in range(16)]
+        x = images_to_tensor([s.image for s in scenes])
+        z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 1e-4 * z.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == args.vae_steps - 1:
+            log({"stage": "vae", "step": step, "loss": loss.item(),
+                 "elapsed": time.time() - start})
+    vae.eval()
+    with torch.no_grad():
+        scenes = sw.sample_scenes(256, seed=args.seed + 2)
+        z = vae.encode(images_to_tensor([s.image for s in scenes])).latent_dist.mean
+    scale = float(1.0 / z.std())
+    atomic_save({"model": vae.state_dict(), "scale": scale}, path)
+    log({"stage": "vae", "done": True, "scale": scale, "elapsed": time.time() - start})
+    return vae, scale
+
+
+@torch.no_grad()
+def encode_dataset(work: Path, vae, scale: float, tokenizer, args, log) -> tuple:
+    path = work / "latents.pt"
+    if path.exists():
+        data = torch.load(path, weights_only=False)
+        return data["latents"], data["captions"]
+    start = time.time()
+    rng = np.random.default_rng(args.seed + 3)
+    latents, captions = [], []
+    for begin in range(0, args.scenes, 256):
+        scenes = [sw.random_scene(rng) for _ in range(min(256, args.scenes - begin))]
+        x = images_to_tensor([s.image for s in scenes])
+        latents.append(vae.encode(x).latent_dist.mean * scale)
+        captions += [s.caption for s in scenes]
+    latents = torch.cat(latents)
+    atomic_save({"latents": latents, "captions": captions}, path)
+    log({"stage": "encode", "scenes": len(captions), "elapsed": time.time() - start})
+    return latents, captions
+
+
+def probe_set(vae, scale, args):
+    # Held-out: a seed the training scenes never use; one and two objects, named backgrounds.
+    rng = np.random.default_rng(args.seed + 10_000)
+    scenes = [sw.random_scene(rng, count=1 + (i % 2), name_background=0.5, name_colour=1.0)
+              for i in range(args.probe_scenes)]
+    with torch.no_grad():
+        z = vae.encode(images_to_tensor([s.image for s in scenes])).latent_dist.mean * scale
+    return z, scenes
+
+
+def export(work: Path, which: str, dest: Path, args, log) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = build_tokenizer()
+    vae, scale = train_vae(work, args, log)
+    vae.register_to_config(scaling_factor=scale)
+    ckpt = torch.load(work / f"{which}.pt", weights_only=False)
+    unet = make_unet(args)
+    text_encoder = make_text_encoder(tokenizer, args.text_layers, args.text_hidden)
+    unet.load_state_dict(ckpt["ema_unet"])
+    text_encoder.load_state_dict(ckpt["ema_text"])
+    unet.set_default_attn_processor()
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_scheduler("ddim"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(dest, safe_serialization=True)
+    (dest / "training.json").write_text(
+        json.dumps({"checkpoint": which, "step": ckpt["step"], "probe": ckpt.get("probe"),
+                    "args": vars(args)}, indent=2, default=str)
+    )
+    log({"stage": "export", "dest": str(dest), "checkpoint": which, "step": ckpt["step"]})
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("runs/shapes"))
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=80.0, help="UNet training time budget")
+    p.add_argument("--max-steps", type=int, default=100_000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--scenes", type=int, default=30_000)
+    p.add_argument("--text-layers", type=int, default=0, help="0: token-local embeddings")
+    p.add_argument("--text-hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--only-cross", action="store_true", help="no self-attention in the UNet")
+    p.add_argument("--mid-block", default="UNetMidBlock2D")
+    p.add_argument("--entropy-weight", type=float, default=0.0)
+    p.add_argument("--entropy-warmup", type=int, default=200)
+    p.add_argument("--entropy-start", type=int, default=0, help="step the entropy ramp begins")
+    p.add_argument("--uncond-prob", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--probe-every", type=int, default=200)
+    p.add_argument("--probe-scenes", type=int, default=24)
+    p.add_argument("--ckpt-minutes", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--export", type=Path, default=None, help="pipeline folder to write")
+    p.add_argument("--export-from", choices=("best", "ckpt"), default="best")
+    p.add_argument("--export-only", action="store_true")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "log.jsonl"
+
+    def log(record: dict) -> None:
+        line = json.dumps(record)
+        print(line, flush=True)
+        with log_path.open("a") as fh:
+            fh.write(line + "\n")
+
+    if args.export_only:
+        export(work, args.export_from, args.export, args, log)
+        return
+
+    ckpt_path = work / "ckpt.pt"
+    if ckpt_path.exists() and not args.resume:
+        sys.exit(f"{ckpt_path} exists: pass --resume to continue it or choose another --work")
+    (work / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+
+    tokenizer = build_tokenizer()
+    vae, scale = train_vae(work, args, log)
+    vae.eval().requires_grad_(False)
+    latents, captions = encode_dataset(work, vae, scale, tokenizer, args, log)
+    token_ids = tokenize(tokenizer, captions)
+    empty_ids = tokenize(tokenizer, [""])[0]
+    held_out = probe_set(vae, scale, args)
+
+    torch.manual_seed(args.seed)
+    unet = make_unet(args)
+    text_encoder = make_text_encoder(tokenizer, args.text_layers, args.text_hidden)
+    ema_unet, ema_text = make_unet(args), make_text_encoder(
+        tokenizer, args.text_layers, args.text_hidden)
+    ema_unet.load_state_dict(unet.state_dict())
+    ema_text.load_state_dict(text_encoder.state_dict())
+    ema_unet.requires_grad_(False)
+    ema_text.requires_grad_(False)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    scheduler = make_scheduler()
+    alphas = scheduler.alphas_cumprod
+    step, trained_seconds, best_score = 0, 0.0, -1.0
+    gen = torch.Generator().manual_seed(args.seed)
+    if args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        unet.load_state_dict(ckpt["unet"])
+        text_encoder.load_state_dict(ckpt["text"])
+        ema_unet.load_state_dict(ckpt["ema_unet"])
+        ema_text.load_state_dict(ckpt["ema_text"])
+        opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["gen"])
+        step, trained_seconds, best_score = ckpt["step"], ckpt["seconds"], ckpt["best"]
+        log({"stage": "resume", "step": step, "seconds": trained_seconds})
+    n_params = sum(p.numel() for p in unet.parameters())
+    log({"stage": "unet", "params": n_params, "text_params":
+         sum(p.numel() for p in text_encoder.parameters())})
+
+    sink = install_recorders(unet)
+    last_ckpt = time.time()
+    session_start = time.time() - trained_seconds
+    recent: list[tuple[float, float]] = []
+
+    def state(probe_figures=None) -> dict:
+        return {"unet": unet.state_dict(), "text": text_encoder.state_dict(),
+                "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
+                "seconds": time.time() - session_start, "best": best_score,
+                "probe": probe_figures}
+
+    while step < args.max_steps and time.time() - session_start < args.minutes * 60:
+        idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
+        x0 = latents[idx]
+        ids = token_ids[idx].clone()
+        drop = torch.rand(args.batch, generator=gen) < args.uncond_prob
+        ids[drop] = empty_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        sink.clear()
+        pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        mse = F.mse_loss(pred, noise)
+        entropy = query_entropy(sink)
+        ramp = (step - args.entropy_start) / max(args.entropy_warmup, 1)
+        weight = args.entropy_weight * min(1.0, max(0.0, ramp))
+        loss = mse + weight * entropy
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for src, dst in ((unet, ema_unet), (text_encoder, ema_text)):
+                for ps, pd in zip(src.parameters(), dst.parameters(), strict=True):
+                    pd.lerp_(ps, 1 - decay)
+        step += 1
+        recent.append((mse.item(), entropy.item()))
+        if step % 50 == 0:
+            m = np.mean(recent, axis=0)
+            log({"stage": "train", "step": step, "mse": round(float(m[0]), 5),
+                 "entropy": round(float(m[1]), 4),
+                 "elapsed": round(time.time() - session_start, 1)})
+            recent.clear()
+        if step % args.probe_every == 0:
+            figures = probe(ema_unet, ema_text, tokenizer, scheduler, held_out)
+            log({"stage": "probe", "step": step, **{k: round(v, 4) for k, v in figures.items()}})
+            score = figures["probe_shape_best_iou"]
+            if score > best_score:
+                best_score = score
+                atomic_save(state(figures), work / "best.pt")
+        if time.time() - last_ckpt > args.ckpt_minutes * 60:
+            atomic_save(state(), ckpt_path)
+            last_ckpt = time.time()
+    atomic_save(state(), ckpt_path)
+    if not (work / "best.pt").exists():
+        atomic_save(state(), work / "best.pt")
+    log({"stage": "done", "step": step, "elapsed": time.time() - session_start})
+    if args.export is not None:
+        export(work, args.export_from, args.export, args, log)
+
+
+if __name__ == "__main__":
+    main()

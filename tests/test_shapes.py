@@ -1,0 +1,180 @@
+"""The shapes world, the shipped `builtin:shapes` model and the contact sheet."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffumask_datasets import shapes_world as sw
+from diffumask_datasets.contact_sheet import contact_sheet, overlay
+from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.resources import PACKAGE_DIR
+
+WEIGHTS = PACKAGE_DIR / "weights" / "shapes"
+
+# Set from the benchmark (BENCHMARKS.md, shapes-quality): the mean IoU between the
+# threshold-0.5 mask and the object read off the pixels there was far above this floor,
+# and a uniform (unlocalised) attention map scores below it.
+MIN_OBJECT_IOU = 0.5
+
+
+# ---------------------------------------------------------------- renderer
+def test_masks_match_drawings():
+    for scene in sw.sample_scenes(40, seed=3):
+        background = np.asarray(sw.BACKGROUNDS[scene.background])
+        for k, obj in enumerate(scene.objects):
+            shown = scene.instances == k + 1
+            # Every pixel of an object's mask has exactly the object's colour and class.
+            assert (scene.image[shown] == sw.COLOURS[obj.colour]).all()
+            assert (scene.mask[shown] == sw.CLASS_IDS[obj.shape]).all()
+        # Every unlabelled pixel is background: near its colour (the shade adds at most
+        # 2 * 14 * sqrt(1/2) = 19.8).
+        free = scene.image[scene.mask == 0].astype(int)
+        assert np.abs(free - background).max() <= 20
+        assert ((scene.mask > 0) == (scene.instances > 0)).all()
+
+
+def test_shape_areas_follow_geometry():
+    r = 12.0
+    circle = sw.shape_mask(sw.ShapeObject("circle", "red", (32, 32), r))
+    square = sw.shape_mask(sw.ShapeObject("square", "red", (32, 32), r, angle=0.3))
+    triangle = sw.shape_mask(sw.ShapeObject("triangle", "red", (32, 32), r))
+    star = sw.shape_mask(sw.ShapeObject("star", "red", (32, 32), r))
+    assert abs(circle.sum() - np.pi * r**2) / (np.pi * r**2) < 0.03
+    assert abs(square.sum() - 2 * r**2) / (2 * r**2) < 0.05  # diagonal 2r
+    triangle_area = 3 * np.sqrt(3) / 4 * r**2
+    assert abs(triangle.sum() - triangle_area) / triangle_area < 0.05
+    # The star's inner radius is 0.45 r: area = 5 r r_in sin(36 deg).
+    star_area = 5 * r * 0.45 * r * np.sin(np.pi / 5)
+    assert abs(star.sum() - star_area) / star_area < 0.05
+
+
+def test_scenes_are_seeded_and_captions_name_the_objects():
+    a, b = sw.sample_scenes(5, seed=11), sw.sample_scenes(5, seed=11)
+    for x, y in zip(a, b, strict=True):
+        assert (x.image == y.image).all() and x.caption == y.caption
+    assert any((x.image != y.image).any() for x, y in zip(a, sw.sample_scenes(5, seed=12)))
+    for scene in sw.sample_scenes(50, seed=4):
+        for obj in scene.objects:
+            assert obj.shape in scene.caption.split()
+        assert set(scene.caption.split()) <= set(sw.CAPTION_WORDS)
+        colours = [o.colour for o in scene.objects]
+        shapes = [o.shape for o in scene.objects]
+        assert len(set(colours)) == len(colours) and len(set(shapes)) == len(shapes)
+
+
+def test_colour_masks_read_objects_back():
+    scene = sw.render_scene(
+        [sw.ShapeObject("star", "blue", (20, 20), 12), sw.ShapeObject("circle", "red", (44, 44), 10)],
+        "cream",
+    )
+    found = sw.colour_masks(scene.image, ["blue", "red"])
+    assert (found == scene.instances).all()
+
+
+def test_renderer_refuses_unknown_names():
+    with pytest.raises(DiffuMaskError, match="hexagon"):
+        sw.render_scene([sw.ShapeObject("hexagon", "red", (32, 32), 10)])
+    with pytest.raises(DiffuMaskError, match="pink"):
+        sw.render_scene([sw.ShapeObject("circle", "pink", (32, 32), 10)])
+    with pytest.raises(DiffuMaskError, match="plaid"):
+        sw.render_scene([], background="plaid")
+
+
+# ---------------------------------------------------------------- contact sheet
+def test_contact_sheet_grid_and_overlay(tmp_path):
+    scenes = sw.sample_scenes(5, seed=1)
+    path = contact_sheet([s.image for s in scenes], [s.mask for s in scenes], tmp_path / "s.png",
+                         columns=3, tile=64, gap=2)
+    sheet = np.asarray(Image.open(path))
+    assert sheet.shape == (2 * 64 + 3 * 2, 3 * 64 + 4 * 2, 3)
+    blended = overlay(scenes[0].image, scenes[0].mask)
+    assert (blended[scenes[0].mask == 0] == scenes[0].image[scenes[0].mask == 0]).all()
+    assert (blended[scenes[0].mask > 0] != scenes[0].image[scenes[0].mask > 0]).any()
+    with pytest.raises(DiffuMaskError, match="2 images but 1 masks"):
+        contact_sheet([scenes[0].image] * 2, [scenes[0].mask], tmp_path / "x.png")
+
+
+# ---------------------------------------------------------------- shipped model
+def test_weights_are_a_small_diffusers_folder():
+    index = json.loads((WEIGHTS / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for part in ("unet", "vae", "text_encoder"):
+        assert list((WEIGHTS / part).glob("*.safetensors")), part
+    total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
+    assert total <= 25 * 2**20
+
+
+def test_tokenizer_knows_every_word_of_the_shapes_builder():
+    from transformers import AutoTokenizer
+
+    from diffumask_datasets.definitions import load_definition
+
+    tokenizer = AutoTokenizer.from_pretrained(WEIGHTS, local_files_only=True)
+    vocab = tokenizer.get_vocab()
+    definition = load_definition("shapes")
+    assert definition.class_ids == {"circle": 1, "square": 2, "triangle": 3, "star": 4}
+    for template in definition.templates + definition.pair_templates:
+        words = re.sub(r"\{\w+\}", " ", template).split()
+        assert all(w in vocab for w in words), template
+    for cls in definition.classes:
+        assert cls.prompt in vocab and all(s in vocab for s in cls.sub_classes)
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        WEIGHTS, safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_model_generates_offline(shapes_pipe):
+    import torch
+
+    out = shapes_pipe(
+        "a photo of a red circle on a white background",
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    )
+    image = np.asarray(out.images[0])
+    assert image.shape == (64, 64, 3)
+    assert image.std() > 5  # not a flat or empty picture
+
+
+def test_generated_single_object_mask_overlaps_the_object(shapes_pipe):
+    from diffumask_datasets import DiffuMask
+
+    dm = DiffuMask(shapes_pipe)
+    prompts = [
+        ("a photo of a red circle on a white background", "circle", "red"),
+        ("a photo of a blue square on a gray background", "square", "blue"),
+        ("a photo of a yellow triangle on a black background", "triangle", "yellow"),
+        ("a photo of a green star on a cream background", "star", "green"),
+    ]
+    samples = dm(
+        [p for p, _, _ in prompts],
+        classes=[[s] for _, s, _ in prompts],
+        seed=0,
+        num_inference_steps=20,
+        guidance_scale=4.0,
+        class_ids=sw.CLASS_IDS,
+        refinement={"method": "threshold", "threshold": 0.5, "band": 0.0},
+    )
+    ious = []
+    for sample, (_, shape, colour) in zip(samples, prompts, strict=True):
+        drawn = sw.colour_masks(np.asarray(sample.image), [colour], tolerance=90.0) == 1
+        labelled = sample.mask == sw.CLASS_IDS[shape]
+        union = np.logical_or(drawn, labelled).sum()
+        ious.append(np.logical_and(drawn, labelled).sum() / max(union, 1))
+    assert np.mean(ious) >= MIN_OBJECT_IOU, ious
