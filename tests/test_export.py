@@ -18,6 +18,9 @@ from diffumask_datasets.export.hf import card_configs, export_hf, with_configs
 from diffumask_datasets.export.voc import export_voc, voc_colormap
 
 # Non-contiguous ids, as a definition with the 20 VOC classes gives bird and dog.
+# pycocotools 2.0.11 calls np.array(copy=False) on numpy 2: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 CLASS_NAMES = {3: "bird", 12: "dog"}
 
 
