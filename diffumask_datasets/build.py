@@ -89,6 +89,10 @@ class GenerationConfig:
         if values["negative_prompt"] is None:
             values["negative_prompt"] = definition.negative_prompt
         values["classes"] = [c.name for c in definition.select(values["classes"])]
+        if self.two_classes is None and len(values["classes"]) < 2:
+            # The definition's pairing default cannot apply to a single chosen class; only
+            # a caller asking for pairs explicitly gets the error.
+            values["two_classes"] = 0.0
         resolved = GenerationConfig(**values)
         resolved._check()
         if resolved.attention_size is None:

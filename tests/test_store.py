@@ -291,3 +291,18 @@ def test_card_validation_names_what_the_hub_would_refuse(built, old, new, named)
     assert old in text
     with pytest.raises(DiffuMaskError, match=named):
         validate_card(text.replace(old, new, 1))
+
+
+def test_definition_pairing_default_is_dropped_for_a_single_class():
+    from diffumask_datasets.build import plan_for
+    from diffumask_datasets.definitions import load_definition
+    from diffumask_datasets.resources import builders_dir
+
+    fruit = load_definition(builders_dir() / "diffumask" / "example.yaml")
+    assert fruit.defaults["two_classes"] == 0.25
+    assert GenerationConfig(classes=["apple", "banana"]).resolve(fruit).two_classes == 0.25
+    single = GenerationConfig(classes=["apple"]).resolve(fruit)
+    assert single.two_classes == 0.0 and len(plan_for(fruit, single)) == 50
+    asked = GenerationConfig(classes=["apple"], two_classes=0.5).resolve(fruit)
+    with pytest.raises(DiffuMaskError, match="two classes"):
+        plan_for(fruit, asked)
