@@ -39,6 +39,7 @@ from diffumask_datasets.store import Store, record_to_row, store_features
 
 STORES_FOLDER = "diffumask_stores"
 HOMEPAGE = PAPER
+BUILDER_MODULE = _hook.BUILDER_MODULE
 
 
 def dataset_module(name: str, data_dir: str | None, data_files: Any, download_config: Any):
@@ -82,9 +83,6 @@ def dataset_module(name: str, data_dir: str | None, data_files: Any, download_co
         )
     digest = _registered_hash(name)
     return DatasetModule(BUILDER_MODULE, digest, {"data_files": files, "dataset_name": name})
-
-
-BUILDER_MODULE = _hook.BUILDER_MODULE
 
 
 def _registered_hash(name: str) -> str:
