@@ -34,10 +34,8 @@ from typing import Any
 
 import fiftyone as fo
 import fiftyone.core.odm as foo
-import fiftyone.core.utils as fou
 import fiftyone.types as fot
 import fiftyone.utils.data as foud
-import numpy as np
 from bson import ObjectId
 
 from ..errors import DiffuMaskError
@@ -235,16 +233,27 @@ def declare_schema(dataset, index: MediaIndex) -> None:
         CLASSES_FIELD: fo.Classifications,
         **{attention_field(slugs[name]): fo.Heatmap for name in index.attention_classes},
     }
-    schema = dataset.get_field_schema()
-    for name, doc_type in embedded.items():
-        if name not in schema:
-            dataset.add_sample_field(name, fo.EmbeddedDocumentField, embedded_doc_type=doc_type)
-    for name, ftype in SCALAR_FIELDS.items():
-        if name not in schema:
-            dataset.add_sample_field(name, ftype)
-    for name in DICT_FIELDS:
-        if name not in schema:
-            dataset.add_sample_field(name, fo.DictField)
+    wanted: dict[str, tuple[type, type | None]] = {
+        **{name: (fo.EmbeddedDocumentField, doc_type) for name, doc_type in embedded.items()},
+        **{name: (ftype, None) for name, ftype in SCALAR_FIELDS.items()},
+        **{name: (fo.DictField, None) for name in DICT_FIELDS},
+    }
+    existing = dataset.get_field_schema()
+    missing = {name: spec for name, spec in wanted.items() if name not in existing}
+    if not missing:
+        return
+    merge = getattr(dataset, "_merge_sample_field_schema", None)
+    if merge is None:  # pragma: no cover - one field at a time, as the public API does
+        for name, (ftype, doc_type) in missing.items():
+            dataset.add_sample_field(name, ftype, embedded_doc_type=doc_type)
+        return
+    # every field in one schema update: add_sample_field reloads the dataset each time
+    merge(
+        {
+            name: foo.create_field(name, ftype, embedded_doc_type=doc_type)
+            for name, (ftype, doc_type) in missing.items()
+        }
+    )
 
 
 def _scalars(sample: MediaSample) -> dict[str, Any]:
@@ -320,11 +329,10 @@ def sample_document(
             "classifications": [_label("Classification", label=name) for name in sample.classes],
         },
     }
-    for name, array in load_attention(index, sample).items():
+    for name, (offset, length) in sample.attention.items():
+        # the media folder keeps maps in FiftyOne's array encoding: no work per map here
         doc[attention_field(slugs[name])] = _label(
-            "Heatmap",
-            map=fou.serialize_numpy_array(np.asarray(array, dtype=np.float32)),
-            range=list(HEATMAP_RANGE),
+            "Heatmap", map=index.attention_blob(offset, length), range=list(HEATMAP_RANGE)
         )
     doc.update(_scalars(sample))
     return doc

@@ -9,7 +9,10 @@ MEDIA/
   diffumask.json         the index: source fingerprint, class ids, one entry per sample
   data/000000.png        images (lossless)
   labels/000000.png      masks: mode L, 0 background, 1..N class ids, 255 ignore
-  attention/000000.npz   soft attention maps, float16, one array per class name
+  attention.bin          soft attention maps: each a zlib-compressed .npy float32 array
+                         (the encoding FiftyOne stores array fields in, so an import
+                         hands the bytes to the database as they are); the index keeps
+                         each map's offset and length
   refined/<field>/...    masks recomputed later by the FiftyOne plugin
 ```
 
@@ -24,13 +27,16 @@ fiftyone.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import mmap
 import os
 import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +49,9 @@ from ..sample import IGNORE
 INDEX_NAME = "diffumask.json"
 MARKER_NAME = ".diffumask-media"  # written first: this folder is ours to fill
 FORMAT = "diffumask-fiftyone-media"
-VERSION = 1
-IMAGES_DIR, MASKS_DIR, ATTENTION_DIR, REFINED_DIR = "data", "labels", "attention", "refined"
+VERSION = 2
+IMAGES_DIR, MASKS_DIR, REFINED_DIR = "data", "labels", "refined"
+ATTENTION_FILE = "attention.bin"
 
 
 def class_slug(name: str) -> str:
@@ -85,8 +92,7 @@ class MediaSample:
     index: int
     image: str
     mask: str
-    attention: str | None
-    attention_classes: list[str]  # class names with a map in the attention file
+    attention: dict[str, list[int]]  # class name -> [offset, length] in attention.bin
     width: int
     height: int
     prompt: str
@@ -118,6 +124,7 @@ class MediaIndex:
     name: str  # the dataset's definition name, or the source folder's name
     class_names: dict[int, str]  # id -> name (the definition's classes)
     samples: list[MediaSample]
+    _attention: mmap.mmap | None = field(default=None, repr=False, compare=False)
 
     @property
     def class_ids(self) -> dict[str, int]:
@@ -130,7 +137,7 @@ class MediaIndex:
     @property
     def attention_classes(self) -> list[str]:
         """Class names with an attention map in at least one sample, in id order."""
-        present = {name for s in self.samples for name in s.attention_classes}
+        present = {name for s in self.samples for name in s.attention}
         return [name for name in self.class_names.values() if name in present]
 
     @property
@@ -144,10 +151,21 @@ class MediaIndex:
         """Files the index names that are not on disk (absolute paths)."""
         missing = []
         for sample in self.samples:
-            for rel in (sample.image, sample.mask, sample.attention):
-                if rel is not None and not os.path.isfile(self.path(rel)):
+            for rel in (sample.image, sample.mask):
+                if not os.path.isfile(self.path(rel)):
                     missing.append(self.path(rel))
+        needed = max((o + n for s in self.samples for o, n in s.attention.values()), default=0)
+        attention = self.path(ATTENTION_FILE)
+        if needed and (not os.path.isfile(attention) or os.path.getsize(attention) < needed):
+            missing.append(attention)
         return missing
+
+    def attention_blob(self, offset: int, length: int) -> bytes:
+        """One encoded map from attention.bin (mapped once, read in slices)."""
+        if self._attention is None:
+            with open(self.path(ATTENTION_FILE), "rb") as f:
+                self._attention = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._attention[offset : offset + length]
 
 
 def is_media_dir(path: str | os.PathLike) -> bool:
@@ -270,9 +288,42 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
-def _save_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+def encode_map(array: np.ndarray) -> bytes:
+    """A map as float32 .npy bytes, zlib-compressed: how FiftyOne stores array fields
+    (`fiftyone.core.utils.serialize_numpy_array`)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, dtype=np.float32), allow_pickle=False)
+    return zlib.compress(buffer.getvalue())
+
+
+def decode_map(blob: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(zlib.decompress(blob)), allow_pickle=False)
+
+
+class _AttentionWriter:
+    """Appends encoded maps to a temporary file renamed to attention.bin at the end."""
+
+    def __init__(self, root: Path):
+        self.path = root / ATTENTION_FILE
+        fd, self.tmp = tempfile.mkstemp(dir=root, prefix=f".{ATTENTION_FILE}.", suffix=".tmp")
+        self.file = os.fdopen(fd, "wb")
+        self.offset = 0
+
+    def add(self, array: np.ndarray) -> list[int]:
+        # the store keeps maps as float16 in [0, 1]; the same values go to FiftyOne
+        blob = encode_map(np.clip(np.asarray(array, dtype=np.float32), 0.0, 1.0))
+        self.file.write(blob)
+        start, self.offset = self.offset, self.offset + len(blob)
+        return [start, len(blob)]
+
+    def commit(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -281,7 +332,7 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 
 def _media_sample(
-    record: Any, class_names: Mapping[int, str], root: Path, write: bool
+    record: Any, class_names: Mapping[int, str], root: Path, attention_out: _AttentionWriter
 ) -> MediaSample:
     stem = sample_stem(int(record.index))
     image = record.image
@@ -296,7 +347,6 @@ def _media_sample(
     rel_image = f"{IMAGES_DIR}/{stem}.png"
     rel_mask = f"{MASKS_DIR}/{stem}.png"
     attention = {str(k): np.asarray(v) for k, v in (record.attention or {}).items()}
-    rel_attention = f"{ATTENTION_DIR}/{stem}.npz" if attention else None
     known = set(class_names.values())
     for name in [*attention, *record.classes]:
         if name not in known:
@@ -304,12 +354,12 @@ def _media_sample(
                 f"sample {record.index} names class {name!r}, which the definition lacks "
                 f"(classes: {', '.join(sorted(known))})"
             )
-    if write:
-        _save_png(image.convert("RGB"), root / rel_image)
-        _save_png(Image.fromarray(mask, mode="L"), root / rel_mask)
-        if attention:
-            arrays = {k: np.clip(v, 0.0, 1.0).astype(np.float16) for k, v in attention.items()}
-            _write_atomic(root / rel_attention, lambda tmp: _save_npz(tmp, arrays))
+    _save_png(image.convert("RGB"), root / rel_image)
+    _save_png(Image.fromarray(mask, mode="L"), root / rel_mask)
+    order = list(class_names.values())
+    offsets = {
+        name: attention_out.add(attention[name]) for name in sorted(attention, key=order.index)
+    }
     meta = dict(record.meta or {})
     counts = np.bincount(mask.ravel(), minlength=256)
     labelled = int(counts[1:IGNORE].sum())
@@ -323,8 +373,7 @@ def _media_sample(
         index=int(record.index),
         image=rel_image,
         mask=rel_mask,
-        attention=rel_attention,
-        attention_classes=sorted(attention, key=list(class_names.values()).index),
+        attention=offsets,
         width=int(image.size[0]),
         height=int(image.size[1]),
         prompt=str(record.prompt),
@@ -388,16 +437,22 @@ def write_media(source: Source, media_dir: str | os.PathLike, progress: bool = T
     root = Path(media_dir).resolve()
     if _prepare_folder(root, source) == "reuse":
         return read_media(root)
-    for sub in (IMAGES_DIR, MASKS_DIR, ATTENTION_DIR):
+    for sub in (IMAGES_DIR, MASKS_DIR):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / MARKER_NAME).write_text(f"{FORMAT} {source.fingerprint}\n")
     index_path = root / INDEX_NAME
     if index_path.exists():
         index_path.unlink()  # incomplete until rewritten at the end
-    samples = [
-        _media_sample(record, source.class_names, root, write=True)
-        for record in _progress(source.records, source.total, progress, "writing media")
-    ]
+    attention_out = _AttentionWriter(root)
+    try:
+        samples = [
+            _media_sample(record, source.class_names, root, attention_out)
+            for record in _progress(source.records, source.total, progress, "writing media")
+        ]
+    except BaseException:
+        attention_out.discard()
+        raise
+    attention_out.commit()
     samples.sort(key=lambda s: s.index)
     indices = [s.index for s in samples]
     if len(set(indices)) != len(indices):
@@ -424,7 +479,8 @@ def remove_media(media_dir: str | os.PathLike) -> None:
 
 
 def load_attention(index: MediaIndex, sample: MediaSample) -> dict[str, np.ndarray]:
-    if sample.attention is None:
-        return {}
-    with np.load(index.path(sample.attention)) as data:
-        return {name: data[name].astype(np.float32) for name in data.files}
+    """A sample's attention maps, float32, by class name (in class id order)."""
+    return {
+        name: decode_map(index.attention_blob(offset, length))
+        for name, (offset, length) in sample.attention.items()
+    }
