@@ -176,6 +176,34 @@ def test_media_written_once_and_reused(store_dir, media_dir, tmp_path):
     assert (stranger / "notes.txt").read_text() == "mine"
 
 
+def test_media_from_in_memory_records(tmp_path, records):
+    """Records with decoded images (no stored PNG bytes) are encoded on the way out."""
+    from fiftyone_data import synthetic_records
+
+    from diffumask_datasets.fiftyone.media import (
+        load_attention,
+        source_from_records,
+        write_media,
+    )
+
+    source = source_from_records(
+        synthetic_records(4, size=48),
+        {3: "bird", 12: "dog"},
+        fingerprint="in-memory",
+        total=4,
+    )
+    index = write_media(source, tmp_path / "media", progress=False)
+    assert [s.index for s in index.samples] == [0, 1, 2, 3]
+    for sample, record in zip(index.samples, synthetic_records(4, size=48), strict=True):
+        with Image.open(index.path(sample.mask)) as png:
+            assert png.mode == "L" and np.array_equal(np.asarray(png), record.mask)
+        with Image.open(index.path(sample.image)) as png:
+            assert png.size == (48, 48) and png.mode == "RGB"
+        maps = load_attention(index, sample)
+        assert list(maps) == record.classes
+        assert all(np.allclose(maps[n], record.attention[n]) for n in maps)
+
+
 def test_default_media_dir_under_fiftyone_dataset_dir(store_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FIFTYONE_DEFAULT_DATASET_DIR", str(tmp_path))
     index = materialize(store_dir, progress=False)

@@ -212,10 +212,15 @@ def read_media(root: str | os.PathLike) -> MediaIndex:
 
 @dataclass
 class SourceRecord:
-    """What the media writer needs of one sample, whatever its source."""
+    """What the media writer needs of one sample, whatever its source.
+
+    `image_png`/`mask_png`: the sample's PNG files as stored, when the source has them;
+    they are written as they are (no decoding and re-encoding), and `image` may then be
+    None.
+    """
 
     index: int
-    image: Image.Image
+    image: Image.Image | None
     mask: np.ndarray
     prompt: str
     seed: int
@@ -223,6 +228,8 @@ class SourceRecord:
     quality: float
     attention: dict[str, np.ndarray]
     meta: dict[str, Any]
+    image_png: bytes | None = None
+    mask_png: bytes | None = None
 
 
 @dataclass
@@ -326,6 +333,14 @@ class _AttentionWriter:
             os.unlink(self.tmp)
 
 
+def _save_bytes(data: bytes, path: Path) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _write_atomic(path, write)
+
+
 def _save_png(image: Image.Image, path: Path) -> None:
     # compress_level 1: several times faster than the default, files ~10 % larger
     _write_atomic(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))
@@ -335,14 +350,27 @@ def _media_sample(
     record: Any, class_names: Mapping[int, str], root: Path, attention_out: _AttentionWriter
 ) -> MediaSample:
     stem = sample_stem(int(record.index))
-    image = record.image
+    image_png = getattr(record, "image_png", None)
+    mask_png = getattr(record, "mask_png", None)
+    image = record.image if image_png is None else None
+    if image_png is not None:
+        with Image.open(io.BytesIO(image_png)) as header:  # reads the header only
+            size, rgb_png = header.size, header.format == "PNG" and header.mode == "RGB"
+        if not rgb_png:  # anything but an RGB PNG is decoded and written as one
+            image, image_png = Image.open(io.BytesIO(image_png)).convert("RGB"), None
+    if image is not None:
+        size = image.size
     mask = np.asarray(record.mask, dtype=np.uint8)
+    if mask_png is not None:
+        with Image.open(io.BytesIO(mask_png)) as header:
+            if header.format != "PNG" or header.mode != "L":  # ids must read back as ids
+                mask_png = None
     if mask.ndim != 2:
         raise DiffuMaskError(f"sample {record.index}: mask has shape {mask.shape}, expected HxW")
-    if (mask.shape[1], mask.shape[0]) != tuple(image.size):
+    if (mask.shape[1], mask.shape[0]) != tuple(size):
         raise DiffuMaskError(
             f"sample {record.index}: mask {mask.shape[1]}x{mask.shape[0]} does not match "
-            f"image {image.size[0]}x{image.size[1]}"
+            f"image {size[0]}x{size[1]}"
         )
     rel_image = f"{IMAGES_DIR}/{stem}.png"
     rel_mask = f"{MASKS_DIR}/{stem}.png"
@@ -354,8 +382,14 @@ def _media_sample(
                 f"sample {record.index} names class {name!r}, which the definition lacks "
                 f"(classes: {', '.join(sorted(known))})"
             )
-    _save_png(image.convert("RGB"), root / rel_image)
-    _save_png(Image.fromarray(mask, mode="L"), root / rel_mask)
+    if image_png is not None:
+        _save_bytes(image_png, root / rel_image)
+    else:
+        _save_png(image.convert("RGB"), root / rel_image)
+    if mask_png is not None:
+        _save_bytes(mask_png, root / rel_mask)
+    else:
+        _save_png(Image.fromarray(mask, mode="L"), root / rel_mask)
     order = list(class_names.values())
     offsets = {
         name: attention_out.add(attention[name]) for name in sorted(attention, key=order.index)
@@ -374,8 +408,8 @@ def _media_sample(
         image=rel_image,
         mask=rel_mask,
         attention=offsets,
-        width=int(image.size[0]),
-        height=int(image.size[1]),
+        width=int(size[0]),
+        height=int(size[1]),
         prompt=str(record.prompt),
         seed=int(record.seed),
         model=str(meta.get("model", "")),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..errors import DiffuMaskError
 from ..sample import IGNORE
@@ -33,9 +35,56 @@ def source_from_store(store: Any) -> Source:
         description=str(store.path),
         name=str(store.manifest.get("name") or store.path.name),
         class_names=foreground_classes(store.class_names),
-        records=store.records(),
+        records=_store_rows(store),
         total=len(store),
     )
+
+
+STORE_COLUMNS = ("index", "image", "mask", "prompt", "seed", "classes", "quality", "attention")
+
+
+def _store_rows(store: Any) -> Iterator[Any]:
+    """The store's rows with their PNG bytes as stored (Parquet with the `datasets`
+    Image encoding, {"bytes", "path"}), so media are written without re-encoding; any
+    shard in another layout is read through `store.records()` instead."""
+    import pyarrow.parquet as pq
+
+    id_to_name = dict(store.class_names)
+    for shard, path in enumerate(store.data_files()):
+        table = pq.read_table(path)
+        if set(STORE_COLUMNS) <= set(table.column_names):
+            yield from _table_rows(table, id_to_name)
+        else:  # a layout this reader does not know: the store's own decoding
+            yield from store.shard_records(shard)
+
+
+def _table_rows(table: Any, id_to_name: Mapping[int, str]) -> Iterator[SourceRecord]:
+    columns = {
+        name: table.column(name).to_pylist() for name in table.column_names if name != "attention"
+    }
+    maps: list[Any] = []
+    for chunk in table.column("attention").chunks:
+        maps.extend(chunk.to_numpy(zero_copy_only=False))
+    for row in range(table.num_rows):
+        names = [id_to_name[int(i)] for i in columns["classes"][row]]
+        stacked = [np.asarray(m, dtype=np.float32) for m in maps[row]]
+        mask_png = columns["mask"][row]["bytes"]
+        with Image.open(io.BytesIO(mask_png)) as mask:
+            mask_ids = np.asarray(mask, dtype=np.uint8)
+        meta = columns.get("meta", [None] * table.num_rows)[row]
+        yield SourceRecord(
+            index=int(columns["index"][row]),
+            image=None,
+            mask=mask_ids,
+            prompt=columns["prompt"][row],
+            seed=int(columns["seed"][row]),
+            classes=names,
+            quality=float(columns["quality"][row]),
+            attention=dict(zip(names, stacked, strict=True)),
+            meta=json.loads(meta) if meta else {},
+            image_png=columns["image"][row]["bytes"],
+            mask_png=mask_png,
+        )
 
 
 def source_from_hf(dataset: Any) -> Source:
@@ -78,7 +127,23 @@ def _label_names(dataset: Any) -> list[str]:
     return list(names)
 
 
+def _encoded(value: Any) -> bytes | None:
+    """An undecoded `datasets` Image value ({"bytes", "path"}) as file bytes."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path") and Path(value["path"]).is_file():
+            return Path(value["path"]).read_bytes()
+    return None
+
+
 def _hf_records(dataset: Any, names: list[str]) -> Iterator[SourceRecord]:
+    import datasets
+
+    # undecoded images: their PNG bytes go to disk as they are
+    for column in ("image", "mask"):
+        if isinstance(dataset.features[column], datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
     for position, row in enumerate(dataset):
         classes = [names[i] if isinstance(i, int) else str(i) for i in row["classes"]]
         maps = row.get("attention")
@@ -89,14 +154,25 @@ def _hf_records(dataset: Any, names: list[str]) -> Iterator[SourceRecord]:
         meta = row.get("meta") or {}
         if isinstance(meta, str):
             meta = json.loads(meta) if meta else {}
+        image_png, mask_png = _encoded(row["image"]), _encoded(row["mask"])
+        image, mask = row["image"], row["mask"]
+        if image_png is not None:
+            image = None
+        elif not isinstance(image, Image.Image):
+            raise DiffuMaskError(f"row {position}: the image column holds no image")
+        if mask_png is not None:
+            with Image.open(io.BytesIO(mask_png)) as decoded:
+                mask = np.asarray(decoded, dtype=np.uint8)
         yield SourceRecord(
             index=int(row.get("index", position)),
-            image=row["image"].convert("RGB"),
-            mask=np.asarray(row["mask"], dtype=np.uint8),
+            image=image.convert("RGB") if image is not None else None,
+            mask=np.asarray(mask, dtype=np.uint8),
             prompt=row["prompt"],
             seed=int(row["seed"]),
             classes=classes,
             quality=float(row["quality"]),
             attention=attention,
             meta=meta,
+            image_png=image_png,
+            mask_png=mask_png,
         )
