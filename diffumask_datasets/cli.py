@@ -487,11 +487,7 @@ def info(directory: Path, as_json: bool) -> None:
 
 
 def open_dataset(path: Path) -> Any:
-    """`store.open_store`, with the `datasets` Arrow extension types registered first:
-    without them pyarrow reads the Array3D attention column as nested lists that the
-    store's reader cannot stack (seen with the store of this commit)."""
-    import datasets  # noqa: F401  (registers the Array2D/3D extension types)
-
+    """`store.open_store`, imported on use so that --help stays fast."""
     from .store import open_store
 
     return open_store(path)

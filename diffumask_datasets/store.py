@@ -181,17 +181,12 @@ def _decode_rows(table, id_to_name: dict[int, str]) -> Iterator[Record]:
     columns = {
         name: table.column(name).to_pylist() for name in table.column_names if name != "attention"
     }
-    attention_column = table.column("attention")
-    maps: list[np.ndarray] = []
-    for chunk in attention_column.chunks:
-        maps.extend(chunk.to_numpy(zero_copy_only=False))
+    # Nested lists whether or not `datasets` has registered its Array3D extension type
+    # with pyarrow in this process: the column reads the same either way.
+    maps = table.column("attention").to_pylist()
     for row in range(table.num_rows):
         names = [id_to_name[i] for i in columns["classes"][row]]
         stacked = np.asarray(maps[row], dtype=np.float32)
-        if stacked.ndim == 1:  # an object array of 2-D maps
-            stacked = (
-                np.stack([np.asarray(m, np.float32) for m in stacked]) if len(stacked) else stacked
-            )
         image = Image.open(io.BytesIO(columns["image"][row]["bytes"]))
         image.load()
         mask = np.asarray(Image.open(io.BytesIO(columns["mask"][row]["bytes"])), dtype=np.uint8)

@@ -101,6 +101,24 @@ def test_store_layout_and_records(built):
     assert store.class_names[3] == "bird" and store.class_names[0] == "background"
 
 
+def test_records_decode_in_a_process_that_never_imported_datasets(built):
+    # Without `datasets`, pyarrow does not know its Array3D extension type and reads the
+    # attention column as nested lists: records must come out the same.
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from diffumask_datasets.store import open_store
+        records = list(open_store({str(built.path)!r}).records())
+        assert "datasets" not in sys.modules
+        print(len(records), sorted({{m.shape for r in records for m in r.attention.values()}}))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert out.stdout.split() == ["6", "[(8,", "8)]"]
+
+
 def test_shards_are_readable_by_datasets_directly(built, tmp_path):
     import datasets
 
