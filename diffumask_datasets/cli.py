@@ -301,7 +301,19 @@ def generate(
         )
     seconds = time.perf_counter() - started
     click.echo(f"{len(store)} samples in {store.path} ({seconds:.1f} s)")
+    click.echo(f"contact sheet (images with their masks): {write_contact_sheet(store)}")
     click.echo(f"next: {PROG} info {out}   |   {PROG} export {out} --format voc --to DEST")
+
+
+def write_contact_sheet(store: Any, limit: int = 32) -> Path:
+    """A PNG grid of the first samples with their masks overlaid, beside the shards."""
+    from itertools import islice
+
+    from .contact_sheet import contact_sheet
+
+    records = list(islice(store.records(), limit))
+    path = Path(store.path) / "contact_sheet.png"
+    return contact_sheet([r.image for r in records], [r.mask for r in records], path)
 
 
 def complete_store(out: Path, fingerprint: str) -> Any:

@@ -9,8 +9,7 @@ import numpy as np
 from PIL import Image
 
 from diffumask_datasets.errors import DiffuMaskError
-
-IGNORE = 255
+from diffumask_datasets.sample import IGNORE
 
 # Distinct, saturated overlay colours for class ids 1, 2, ...; 255 (ignore) is white.
 PALETTE = np.array(

@@ -402,6 +402,9 @@ def test_generate_then_export_voc_and_coco_with_identical_masks(tmp_path):
     assert "4 samples" in result.stdout
     masks = {r.index: r.mask for r in open_dataset(out).records()}
     assert sorted(masks) == [0, 1, 2, 3]
+    # the contact sheet: one row of four 128-pixel cells with 2-pixel gaps
+    assert f"contact sheet (images with their masks): {out / 'contact_sheet.png'}" in result.stdout
+    assert Image.open(out / "contact_sheet.png").size == (4 * 128 + 5 * 2, 128 + 2 * 2)
     invoke("export", str(out), "--format", "voc", "--to", str(tmp_path / "V"))
     invoke("export", str(out), "--format", "coco", "--to", str(tmp_path / "C"))
 
