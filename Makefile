@@ -23,15 +23,16 @@ $(VENV)/.deps: pyproject.toml
 install: $(VENV)/.deps
 	$(PIP) install --no-deps --force-reinstall .
 
+# --resume: a second `make demo` finds the dataset complete and returns at once
 demo: install
-	$(VENV)/bin/diffumask generate shapes --per-class 2 --out $(OUT) --overwrite-ok
+	$(VENV)/bin/diffumask generate shapes --per-class 4 --out $(OUT) --resume
 	$(VENV)/bin/diffumask info $(OUT)
 
 test: install
-	$(VENV)/bin/ruff check diffumask_datasets tests benchmarks scripts
-	$(VENV)/bin/ruff format --check diffumask_datasets tests benchmarks scripts
+	$(VENV)/bin/ruff check diffumask_datasets tests benchmarks scripts _diffumask_datasets_hook.py
+	$(VENV)/bin/ruff format --check diffumask_datasets tests benchmarks scripts _diffumask_datasets_hook.py
 	FIFTYONE_DATABASE_DIR=$$(mktemp -d) $(VENV)/bin/python -m pytest -q
 
 lint:
-	$(VENV)/bin/ruff check --fix diffumask_datasets tests benchmarks scripts
-	$(VENV)/bin/ruff format diffumask_datasets tests benchmarks scripts
+	$(VENV)/bin/ruff check --fix diffumask_datasets tests benchmarks scripts _diffumask_datasets_hook.py
+	$(VENV)/bin/ruff format diffumask_datasets tests benchmarks scripts _diffumask_datasets_hook.py
