@@ -111,23 +111,32 @@ def _scheduler():
     )
 
 
-def _tiny_sd():
+def _tiny_unet(**architecture):
+    """A seeded random UNet2DConditionModel at the tiny size: two levels, 8x8 latents."""
     import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(32, 64),
         layers_per_block=1,
         in_channels=4,
         out_channels=4,
+        norm_num_groups=8,
+        **architecture,
+    ).eval()
+
+
+def _tiny_sd():
+    from diffusers import StableDiffusionPipeline
+
+    unet = _tiny_unet(
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    )
     return StableDiffusionPipeline(
         unet=unet,
         vae=_tiny_vae(1),
@@ -141,16 +150,9 @@ def _tiny_sd():
 
 
 def _tiny_sdxl():
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        in_channels=4,
-        out_channels=4,
+    unet = _tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -161,8 +163,7 @@ def _tiny_sdxl():
         # six time ids of 8 dims each, plus the pooled projection of the second encoder
         projection_class_embeddings_input_dim=6 * 8 + 32,
         cross_attention_dim=64,  # both encoders' hidden states, concatenated
-        norm_num_groups=8,
-    ).eval()
+    )
     return StableDiffusionXLPipeline(
         unet=unet,
         vae=_tiny_vae(1),
