@@ -351,6 +351,27 @@ def test_generated_store_end_to_end(tiny, tmp_path):
         ds.delete()
 
 
+def test_app_command_errors_are_one_line(tmp_path):
+    import socket
+
+    from diffumask_datasets.cli import main
+
+    runner = CliRunner()
+    missing = runner.invoke(main, ["app", str(tmp_path / "nowhere"), "--port", "5999"])
+    assert missing.exit_code == 1
+    assert "does not exist" in missing.output and "Traceback" not in missing.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = runner.invoke(
+            main, ["app", str(tmp_path), "--address", "127.0.0.1", "--port", str(port)]
+        )
+    assert taken.exit_code == 1
+    assert f"cannot serve on 127.0.0.1:{port}" in taken.output
+    assert "--port" in taken.output
+
+
 def test_commands_module_does_not_import_fiftyone():
     code = (
         "import sys; import diffumask_datasets.fiftyone.commands as c; "
