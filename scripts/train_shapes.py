@@ -156,8 +156,15 @@ class RecordingProcessor:
         self.sink = sink
         self.name = name
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        **kwargs,
+    ):
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         key = attn.head_to_batch_dim(attn.to_k(context))
@@ -189,6 +196,41 @@ def token_maps(records, batch: int, size: int = 64) -> torch.Tensor:
         maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
         total = maps if total is None else total + maps
     return total / len(records)
+
+
+def coverage_loss(records, content: torch.Tensor, frac: float) -> torch.Tensor:
+    """1 - (mean of the top `frac` of pixels' attention to a content word), averaged over
+    the caption's content words (shapes and colours): every object the caption names must
+    be attended strongly somewhere. Where is left to the denoising loss; no mask is used."""
+    weights = content.float()
+    if weights.sum() == 0:
+        return torch.zeros(())
+    values = []
+    for _, heads, probs in records:
+        b = content.shape[0]
+        p = probs.reshape(b, heads, probs.shape[1], probs.shape[2]).mean(1)  # [B, Q, T]
+        k = max(1, int(round(frac * p.shape[1])))
+        top = p.topk(k, dim=1).values.mean(1)  # [B, T]
+        values.append(((1 - top) * weights).sum() / weights.sum())
+    return torch.stack(values).mean()
+
+
+def smoothness_loss(records, content: torch.Tensor) -> torch.Tensor:
+    """Total variation of each content word's attention map (mean absolute difference
+    between neighbouring pixels), averaged over the caption's content words: attention
+    should fall on coherent regions, not on scattered pixels. No mask is used."""
+    weights = content.float()
+    if weights.sum() == 0:
+        return torch.zeros(())
+    values = []
+    for _, heads, probs in records:
+        b, side = content.shape[0], int(math.isqrt(probs.shape[1]))
+        p = probs.reshape(b, heads, side, side, probs.shape[2]).mean(1)  # [B, s, s, T]
+        tv = (p[:, 1:] - p[:, :-1]).abs().mean((1, 2)) + (p[:, :, 1:] - p[:, :, :-1]).abs().mean(
+            (1, 2)
+        )  # [B, T]
+        values.append((tv * weights).sum() / weights.sum())
+    return torch.stack(values).mean()
 
 
 def query_entropy(records) -> torch.Tensor:
@@ -235,7 +277,7 @@ def probe(unet, text_encoder, tokenizer, scheduler, probe_set, timesteps=(300, 6
     word = np.isin(ids.numpy(), [tokenizer.get_vocab()[w] for w in sw.CAPTION_WORDS])
     # Share of each pixel's attention that goes to caption words (not start/end/pad).
     word_mass = float((maps.sum(axis=(2, 3)) * word).sum() / maps.sum())
-    shape_ious, colour_ious, ratios, best = [], [], [], []
+    shape_ious, colour_ious, ratios, best, ranked = [], [], [], [], []
     for i, scene in enumerate(scenes):
         positions = word_positions(tokenizer, scene.caption)
         for k, obj in enumerate(scene.objects):
@@ -251,11 +293,15 @@ def probe(unet, text_encoder, tokenizer, scheduler, probe_set, timesteps=(300, 6
                 if word == obj.shape:
                     ratios.append(float(m[inside].mean() / max(m[~inside].mean(), 1e-8)))
                     best.append(max(iou(m >= th, inside) for th in (0.3, 0.4, 0.5, 0.6, 0.7)))
+                    # Threshold-free: the object's area worth of highest-scoring pixels.
+                    top = m >= np.sort(m, axis=None)[-int(inside.sum())]
+                    ranked.append(iou(top, inside))
     return {
         "probe_shape_iou": float(np.mean(shape_ious)),
         "probe_colour_iou": float(np.mean(colour_ious)),
         "probe_shape_best_iou": float(np.mean(best)),
         "probe_in_out_ratio": float(np.median(ratios)),
+        "probe_shape_area_iou": float(np.mean(ranked)),
         "probe_word_mass": word_mass,
     }
 
@@ -293,8 +339,7 @@ def train_vae(work: Path, args, log) -> tuple:
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == args.vae_steps - 1:
-            log({"stage": "vae", "step": step, "loss": loss.item(),
-                 "elapsed": time.time() - start})
+            log({"stage": "vae", "step": step, "loss": loss.item(), "elapsed": time.time() - start})
     vae.eval()
     with torch.no_grad():
         scenes = sw.sample_scenes(256, seed=args.seed + 2)
@@ -328,8 +373,10 @@ def encode_dataset(work: Path, vae, scale: float, tokenizer, args, log) -> tuple
 def probe_set(vae, scale, args):
     # Held-out: a seed the training scenes never use; one and two objects, named backgrounds.
     rng = np.random.default_rng(args.seed + 10_000)
-    scenes = [sw.random_scene(rng, count=1 + (i % 2), name_background=0.5, name_colour=1.0)
-              for i in range(args.probe_scenes)]
+    scenes = [
+        sw.random_scene(rng, count=1 + (i % 2), name_background=0.5, name_colour=1.0)
+        for i in range(args.probe_scenes)
+    ]
     with torch.no_grad():
         z = vae.encode(images_to_tensor([s.image for s in scenes])).latent_dist.mean * scale
     return z, scenes
@@ -359,9 +406,27 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
     )
     dest.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(dest, safe_serialization=True)
+    # Name the tokenizer by the class every transformers version has (4.x and 5.x), not
+    # 5.x's TokenizersBackend, so the folder loads wherever diffusers does.
+    index_path = dest / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config_path = dest / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     (dest / "training.json").write_text(
-        json.dumps({"checkpoint": which, "step": ckpt["step"], "probe": ckpt.get("probe"),
-                    "args": vars(args)}, indent=2, default=str)
+        json.dumps(
+            {
+                "checkpoint": which,
+                "step": ckpt["step"],
+                "probe": ckpt.get("probe"),
+                "args": vars(args),
+            },
+            indent=2,
+            default=str,
+        )
     )
     log({"stage": "export", "dest": str(dest), "checkpoint": which, "step": ckpt["step"]})
 
@@ -385,6 +450,9 @@ def main(argv=None) -> None:
     p.add_argument("--entropy-weight", type=float, default=0.0)
     p.add_argument("--entropy-warmup", type=int, default=200)
     p.add_argument("--entropy-start", type=int, default=0, help="step the entropy ramp begins")
+    p.add_argument("--coverage-weight", type=float, default=0.0)
+    p.add_argument("--smooth-weight", type=float, default=0.0)
+    p.add_argument("--coverage-frac", type=float, default=0.05)
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--probe-every", type=int, default=200)
@@ -422,13 +490,18 @@ def main(argv=None) -> None:
     latents, captions = encode_dataset(work, vae, scale, tokenizer, args, log)
     token_ids = tokenize(tokenizer, captions)
     empty_ids = tokenize(tokenizer, [""])[0]
+    vocab = tokenizer.get_vocab()
+    content_words = [vocab[w] for w in (*sw.SHAPES, *sw.COLOURS, *sw.BACKGROUNDS)]
+    content_ids = torch.isin(token_ids, torch.tensor(content_words))
     held_out = probe_set(vae, scale, args)
 
     torch.manual_seed(args.seed)
     unet = make_unet(args)
     text_encoder = make_text_encoder(tokenizer, args.text_layers, args.text_hidden)
-    ema_unet, ema_text = make_unet(args), make_text_encoder(
-        tokenizer, args.text_layers, args.text_hidden)
+    ema_unet, ema_text = (
+        make_unet(args),
+        make_text_encoder(tokenizer, args.text_layers, args.text_hidden),
+    )
     ema_unet.load_state_dict(unet.state_dict())
     ema_text.load_state_dict(text_encoder.state_dict())
     ema_unet.requires_grad_(False)
@@ -450,8 +523,13 @@ def main(argv=None) -> None:
         step, trained_seconds, best_score = ckpt["step"], ckpt["seconds"], ckpt["best"]
         log({"stage": "resume", "step": step, "seconds": trained_seconds})
     n_params = sum(p.numel() for p in unet.parameters())
-    log({"stage": "unet", "params": n_params, "text_params":
-         sum(p.numel() for p in text_encoder.parameters())})
+    log(
+        {
+            "stage": "unet",
+            "params": n_params,
+            "text_params": sum(p.numel() for p in text_encoder.parameters()),
+        }
+    )
 
     sink = install_recorders(unet)
     last_ckpt = time.time()
@@ -459,11 +537,18 @@ def main(argv=None) -> None:
     recent: list[tuple[float, float]] = []
 
     def state(probe_figures=None) -> dict:
-        return {"unet": unet.state_dict(), "text": text_encoder.state_dict(),
-                "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
-                "seconds": time.time() - session_start, "best": best_score,
-                "probe": probe_figures}
+        return {
+            "unet": unet.state_dict(),
+            "text": text_encoder.state_dict(),
+            "ema_unet": ema_unet.state_dict(),
+            "ema_text": ema_text.state_dict(),
+            "opt": opt.state_dict(),
+            "gen": gen.get_state(),
+            "step": step,
+            "seconds": time.time() - session_start,
+            "best": best_score,
+            "probe": probe_figures,
+        }
 
     while step < args.max_steps and time.time() - session_start < args.minutes * 60:
         idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
@@ -479,9 +564,16 @@ def main(argv=None) -> None:
         pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         mse = F.mse_loss(pred, noise)
         entropy = query_entropy(sink)
-        ramp = (step - args.entropy_start) / max(args.entropy_warmup, 1)
-        weight = args.entropy_weight * min(1.0, max(0.0, ramp))
-        loss = mse + weight * entropy
+        ramp = min(1.0, max(0.0, (step - args.entropy_start) / max(args.entropy_warmup, 1)))
+        loss = mse + args.entropy_weight * ramp * entropy
+        coverage = torch.zeros(())
+        if args.coverage_weight > 0:
+            coverage = coverage_loss(sink, content_ids[idx] & ~drop[:, None], args.coverage_frac)
+            loss = loss + args.coverage_weight * ramp * coverage
+        smooth = torch.zeros(())
+        if args.smooth_weight > 0:
+            smooth = smoothness_loss(sink, content_ids[idx] & ~drop[:, None])
+            loss = loss + args.smooth_weight * ramp * smooth
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -492,12 +584,20 @@ def main(argv=None) -> None:
                 for ps, pd in zip(src.parameters(), dst.parameters(), strict=True):
                     pd.lerp_(ps, 1 - decay)
         step += 1
-        recent.append((mse.item(), entropy.item()))
+        recent.append((mse.item(), entropy.item(), coverage.item(), smooth.item()))
         if step % 50 == 0:
             m = np.mean(recent, axis=0)
-            log({"stage": "train", "step": step, "mse": round(float(m[0]), 5),
-                 "entropy": round(float(m[1]), 4),
-                 "elapsed": round(time.time() - session_start, 1)})
+            log(
+                {
+                    "stage": "train",
+                    "step": step,
+                    "mse": round(float(m[0]), 5),
+                    "entropy": round(float(m[1]), 4),
+                    "coverage": round(float(m[2]), 4),
+                    "smooth": round(float(m[3]), 4),
+                    "elapsed": round(time.time() - session_start, 1),
+                }
+            )
             recent.clear()
         if step % args.probe_every == 0:
             figures = probe(ema_unet, ema_text, tokenizer, scheduler, held_out)

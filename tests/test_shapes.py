@@ -57,7 +57,9 @@ def test_scenes_are_seeded_and_captions_name_the_objects():
     a, b = sw.sample_scenes(5, seed=11), sw.sample_scenes(5, seed=11)
     for x, y in zip(a, b, strict=True):
         assert (x.image == y.image).all() and x.caption == y.caption
-    assert any((x.image != y.image).any() for x, y in zip(a, sw.sample_scenes(5, seed=12)))
+    assert any(
+        (x.image != y.image).any() for x, y in zip(a, sw.sample_scenes(5, seed=12), strict=True)
+    )
     for scene in sw.sample_scenes(50, seed=4):
         for obj in scene.objects:
             assert obj.shape in scene.caption.split()
@@ -69,7 +71,10 @@ def test_scenes_are_seeded_and_captions_name_the_objects():
 
 def test_colour_masks_read_objects_back():
     scene = sw.render_scene(
-        [sw.ShapeObject("star", "blue", (20, 20), 12), sw.ShapeObject("circle", "red", (44, 44), 10)],
+        [
+            sw.ShapeObject("star", "blue", (20, 20), 12),
+            sw.ShapeObject("circle", "red", (44, 44), 10),
+        ],
         "cream",
     )
     found = sw.colour_masks(scene.image, ["blue", "red"])
@@ -88,8 +93,14 @@ def test_renderer_refuses_unknown_names():
 # ---------------------------------------------------------------- contact sheet
 def test_contact_sheet_grid_and_overlay(tmp_path):
     scenes = sw.sample_scenes(5, seed=1)
-    path = contact_sheet([s.image for s in scenes], [s.mask for s in scenes], tmp_path / "s.png",
-                         columns=3, tile=64, gap=2)
+    path = contact_sheet(
+        [s.image for s in scenes],
+        [s.mask for s in scenes],
+        tmp_path / "s.png",
+        columns=3,
+        tile=64,
+        gap=2,
+    )
     sheet = np.asarray(Image.open(path))
     assert sheet.shape == (2 * 64 + 3 * 2, 3 * 64 + 4 * 2, 3)
     blended = overlay(scenes[0].image, scenes[0].mask)
