@@ -1,11 +1,10 @@
 """Capture a diffusers UNet's attention while it denoises.
 
-Cross-attention processors compute the image output exactly as diffusers'
-AttnProcessor2_0 does (scaled_dot_product_attention over the whole batch), and, beside
-it, the attention probabilities of the conditional half only, keep the requested token
-columns and add them into one float32 running sum per resolution. Nothing is kept per
-step. Self-attention stays on the original processor except at the one resolution where
-an affinity matrix is asked for.
+Cross-attention processors compute the output exactly as diffusers' AttnProcessor2_0
+does and, beside it, the attention probabilities of the conditional half of the guidance
+batch for the requested token columns only (float32), added into one running sum per
+resolution. Nothing is kept per step. Self-attention stays on the original processor
+except at the one resolution where an affinity matrix is asked for.
 
     with trace(pipe, tokens=[[5, 6]]) as cap:
         pipe("a photo of a sparrow bird", ...)
@@ -31,6 +30,13 @@ from .errors import DiffuMaskError
 # (xformers, sliced, custom) is refused rather than silently capturing nothing.
 WRAPPABLE = (AttnProcessor, AttnProcessor2_0)
 DEFAULT_MAX_FACTOR = 4  # cross maps at latent/1, /2, /4: 64, 32, 16 for SD at 512 px
+# The CPU kernel of scaled_dot_product_attention, which also returns the log-sum-exp.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _scale(query: torch.Tensor) -> float:
+    # scaled_dot_product_attention's default, which the plain processor relies on
+    return query.shape[-1] ** -0.5
 
 
 @dataclass(frozen=True)
@@ -132,49 +138,67 @@ class _Store:
             factor *= 2
         raise DiffuMaskError(f"cannot place {queries} attention queries on a {h}x{w} latent")
 
-    def _conditional(self, x: torch.Tensor) -> torch.Tensor:
+    def _split(self, batch: int) -> int:
+        """Where the conditional rows of the UNet batch start."""
         prompts = len(self.tokens)
         if self.options.conditional_half:
-            if x.shape[0] != 2 * prompts:
+            if batch != 2 * prompts:
                 raise DiffuMaskError(
-                    f"the UNet batch has {x.shape[0]} rows, not 2 x {prompts} prompts; with "
+                    f"the UNet batch has {batch} rows, not 2 x {prompts} prompts; with "
                     "guidance_scale <= 1 there is no unconditional half: capture with "
                     "conditional_half=False"
                 )
-            return x[prompts:]
-        if x.shape[0] != prompts:
+            return prompts
+        if batch != prompts:
             raise DiffuMaskError(
-                f"the UNet batch has {x.shape[0]} rows but {prompts} prompts were given"
+                f"the UNet batch has {batch} rows but {prompts} prompts were given"
             )
-        return x
+        return 0
 
-    @staticmethod
-    def _probabilities(attn: Attention, query, key, mask) -> torch.Tensor:
-        # float32 whatever the pipeline's dtype: fp16 softmax over 77 keys loses the
-        # small probabilities that make up most of an object's map.
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+    def attend(self, query, key, value, mask, cross: bool) -> torch.Tensor:
+        """The attention output of the whole batch, exactly as the plain processor gives
+        it, keeping what is asked of the conditional rows."""
+        split = self._split(query.shape[0])
+        if cross and mask is None and query.device.type == "cpu" and _CPU_FLASH is not None:
+            # The CPU kernel behind scaled_dot_product_attention also returns each query's
+            # log-sum-exp over the keys: the kept columns' probabilities then cost one
+            # (queries x kept columns) product, not a second pass over all the keys.
+            out, lse = _CPU_FLASH(query, key, value, 0.0, False)
+            columns = self._gather_keys(key[split:])  # [P, heads, kept, dim]
+            logits = torch.matmul(query[split:].float(), columns.float().mT * _scale(query))
+            self._add_cross(torch.exp(logits - lse[split:, ..., None].float()))
+            return out
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        # float32 whatever the pipeline's dtype: fp16 loses the small probabilities that
+        # make up most of an object's map
+        scores = torch.matmul(query[split:].float() * _scale(query), key[split:].float().mT)
         if mask is not None:
-            scores = scores + mask.float()
-        return scores.softmax(dim=-1)  # [prompts, heads, queries, keys]
+            scores = scores + mask[split:].float()
+        probs = scores.softmax(dim=-1)  # [P, heads, Q, keys]
+        if cross:
+            index = self.columns.to(probs.device)[:, None, None, :]
+            self._add_cross(probs.gather(-1, index.expand(*probs.shape[:3], index.shape[-1])))
+        else:
+            self._add_self(probs)
+        return out
 
-    def add_cross(self, attn: Attention, query, key, mask) -> None:
-        query, key = self._conditional(query), self._conditional(key)
-        mask = None if mask is None else self._conditional(mask)
-        probs = self._probabilities(attn, query, key, mask).mean(dim=1)  # [P, Q, K]
-        index = self.columns.to(probs.device)[:, None, :].expand(-1, probs.shape[1], -1)
-        picked = probs.gather(2, index).transpose(1, 2)  # [P, columns, Q]
-        size = self.map_size(probs.shape[1])
+    def _gather_keys(self, key: torch.Tensor) -> torch.Tensor:
+        index = self.columns.to(key.device)[:, None, :, None]  # [P, 1, kept, 1]
+        return key.gather(2, index.expand(key.shape[0], key.shape[1], index.shape[2], key.shape[3]))
+
+    def _add_cross(self, picked: torch.Tensor) -> None:
+        """Add the kept columns' probabilities [P, heads, Q, kept], averaged over heads."""
+        picked = picked.mean(dim=1)  # [P, Q, kept]
+        size = self.map_size(picked.shape[1])
         if size in self.cross:
             self.cross[size] += picked
         else:
-            self.cross[size] = picked.clone()
+            self.cross[size] = picked
         self.cross_adds[size] = self.cross_adds.get(size, 0) + 1
         self.steps_seen.add(self.step)
 
-    def add_self(self, attn: Attention, query, key, mask) -> None:
-        query, key = self._conditional(query), self._conditional(key)
-        mask = None if mask is None else self._conditional(mask)
-        probs = self._probabilities(attn, query, key, mask).mean(dim=1)  # [P, Q, Q]
+    def _add_self(self, probs: torch.Tensor) -> None:
+        probs = probs.mean(dim=1)  # [P, Q, Q]
         self.affinity = probs if self.affinity is None else self.affinity + probs
         self.affinity_size = self.map_size(probs.shape[1])
         self.affinity_adds += 1
@@ -189,7 +213,7 @@ class _Store:
         layers = {}
         steps = max(len(self.steps_seen), 1)
         for size, total in self.cross.items():
-            mean = total / self.cross_adds[size]
+            mean = (total / self.cross_adds[size]).transpose(1, 2)  # [P, cols, Q]
             cross[size] = mean.reshape(*mean.shape[:2], *size).cpu().numpy()
             layers[size] = self.cross_adds[size] // steps
         affinity = None
@@ -206,8 +230,8 @@ class _Store:
 
 
 class CaptureProcessor:
-    """An attention processor that computes what AttnProcessor2_0 computes and hands the
-    probabilities of the conditional half to the capture's store."""
+    """An attention processor that computes what AttnProcessor2_0 computes, letting the
+    capture's store attend for the rows it reads (see _Store.attend)."""
 
     def __init__(self, store: _Store, cross: bool):
         self.store = store
@@ -255,12 +279,12 @@ class CaptureProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-        )
         if self.store.active:
-            add = self.store.add_cross if self.cross else self.store.add_self
-            add(attn, query, key, attention_mask)
+            out = self.store.attend(query, key, value, attention_mask, self.cross)
+        else:
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
