@@ -264,3 +264,24 @@ def colour_masks(image: np.ndarray, colours: list[str], tolerance: float = 60.0)
     for k in range(len(colours)):
         out[(nearest == k) & close] = k + 1
     return out
+
+
+def foreground_mask(image: np.ndarray, tolerance: float = 60.0, min_pixels: int = 8) -> np.ndarray:
+    """Read the drawn objects off an image of this world, whatever their colour.
+
+    The background is plain (a flat colour with a gentle shade), so its colour is the
+    median of the image's outer ring of pixels; a pixel farther than `tolerance` (RGB
+    distance) from it is foreground. Connected foreground regions smaller than
+    `min_pixels` (specks of texture) are dropped. Returns a boolean HxW mask.
+    """
+    from scipy import ndimage
+
+    pixels = np.asarray(image, dtype=np.float64)[..., :3]
+    ring = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    background = np.median(ring, axis=0)
+    far = np.linalg.norm(pixels - background, axis=-1) > tolerance
+    labels, count = ndimage.label(far)
+    if count:
+        sizes = ndimage.sum(far, labels, index=np.arange(1, count + 1))
+        far &= np.isin(labels, 1 + np.flatnonzero(sizes >= min_pixels))
+    return far

@@ -440,16 +440,21 @@ def main(argv=None) -> None:
     p.add_argument("--max-steps", type=int, default=100_000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--scenes", type=int, default=30_000)
     p.add_argument("--text-layers", type=int, default=0, help="0: token-local embeddings")
     p.add_argument("--text-hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--only-cross", action="store_true", help="no self-attention in the UNet")
     p.add_argument("--mid-block", default="UNetMidBlock2D")
-    p.add_argument("--entropy-weight", type=float, default=0.0)
-    p.add_argument("--entropy-warmup", type=int, default=200)
-    p.add_argument("--entropy-start", type=int, default=0, help="step the entropy ramp begins")
+    p.add_argument("--entropy-weight", type=float, default=0.05)
+    p.add_argument("--entropy-warmup", type=int, default=1)
+    p.add_argument(
+        "--entropy-start",
+        type=int,
+        default=315,
+        help="step the entropy term starts (the shipped run: after 315 steps without it)",
+    )
     p.add_argument("--coverage-weight", type=float, default=0.0)
     p.add_argument("--smooth-weight", type=float, default=0.0)
     p.add_argument("--coverage-frac", type=float, default=0.05)
@@ -460,7 +465,12 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--export", type=Path, default=None, help="pipeline folder to write")
-    p.add_argument("--export-from", choices=("best", "ckpt"), default="best")
+    p.add_argument(
+        "--export-from",
+        choices=("best", "ckpt"),
+        default="ckpt",
+        help="ckpt: the last checkpoint; best: the best by the probe's thresholded IoU",
+    )
     p.add_argument("--export-only", action="store_true")
     args = p.parse_args(argv)
 
