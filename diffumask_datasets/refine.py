@@ -145,18 +145,26 @@ def propagate(cam: np.ndarray, affinity: np.ndarray, power: int) -> np.ndarray:
     if affinity.shape != (h * w, h * w):
         raise DiffuMaskError(f"affinity of shape {affinity.shape} does not fit a {h}x{w} map")
     # power matrix-vector products, never the matrix power: O(power * Q^2), not O(Q^3)
-    scores = cam.reshape(-1).astype(np.float64)
+    affinity = np.asarray(affinity, dtype=np.float32)
+    scores = cam.reshape(-1).astype(np.float32)
     for _ in range(int(power)):
         scores = affinity @ scores
-    return scores.reshape(h, w).astype(np.float32)
+    return scores.reshape(h, w)
+
+
+def winners(scores: np.ndarray, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(class id with the highest score, that score) per pixel."""
+    return np.asarray(ids, dtype=np.uint8)[scores.argmax(axis=0)], scores.max(axis=0)
+
+
+def cut(winner: np.ndarray, best: np.ndarray, threshold: float) -> np.ndarray:
+    """Background where the best score is below the threshold."""
+    return np.where(best >= threshold, winner, np.uint8(0))
 
 
 def label(scores: np.ndarray, ids: Sequence[int], threshold: float) -> np.ndarray:
     """Argmax over [background = threshold, class scores...] -> uint8 mask of class ids."""
-    winner = scores.argmax(axis=0)
-    mask = np.asarray(ids, dtype=np.uint8)[winner]
-    mask[scores.max(axis=0) < threshold] = 0
-    return mask
+    return cut(*winners(scores, ids), threshold)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -180,9 +188,10 @@ def adaptive_threshold(
     """The background level whose mask best agrees (mean IoU) with `reference`.
 
     Ties go to the lowest level. Returns (level, agreement)."""
-    agreements = [mean_iou(label(scores, ids, g), reference, ids) for g in gammas]
-    best = int(np.argmax(agreements))
-    return float(gammas[best]), float(agreements[best])
+    winner, best = winners(scores, ids)  # the argmax does not depend on the level
+    agreements = [mean_iou(cut(winner, best, g), reference, ids) for g in gammas]
+    top = int(np.argmax(agreements))
+    return float(gammas[top]), float(agreements[top])
 
 
 def apply_band(mask: np.ndarray, scores: np.ndarray, threshold: float, width: float) -> np.ndarray:
