@@ -30,7 +30,10 @@ def latents(n, seed=0):
     return torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
 
 
-def test_probabilities_equal_reference_softmax(pipe):
+@pytest.mark.parametrize("kernel", ["cpu-log-sum-exp", "generic"])
+def test_probabilities_equal_reference_softmax(pipe, kernel, monkeypatch):
+    if kernel == "generic":  # the path used on GPUs and with attention masks
+        monkeypatch.setattr("diffumask_datasets.capture._CPU_FLASH", None)
     attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     torch.manual_seed(0)
     prompts, queries = 2, 64
@@ -52,6 +55,23 @@ def test_probabilities_equal_reference_softmax(pipe):
         for c, token in enumerate(cols):
             expected = reference[p, :, token].reshape(8, 8).numpy()
             np.testing.assert_allclose(got[p, c], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_affinity_equals_reference_self_attention(pipe):
+    attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 64, attn.query_dim)
+    store = _Store([[5]], CaptureOptions())
+    store.begin_step(torch.zeros(1, 4, 8, 8))
+    with torch.no_grad():
+        out = CaptureProcessor(store, cross=False)(attn, hidden)
+        expected_out = AttnProcessor2_0()(attn, hidden)
+        q = attn.to_q(hidden[1:]).view(1, 64, attn.heads, -1).transpose(1, 2)
+        k = attn.to_k(hidden[1:]).view(1, 64, attn.heads, -1).transpose(1, 2)
+    reference = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1).mean(1)
+    affinity = (store.affinity / store.affinity_adds).numpy()
+    np.testing.assert_allclose(affinity, reference.numpy(), rtol=1e-5, atol=1e-7)
+    assert torch.equal(out, expected_out)
 
 
 def test_capture_does_not_change_the_image(pipe):
