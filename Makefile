@@ -25,7 +25,7 @@ install: $(VENV)/.deps
 
 # --resume: a second `make demo` finds the dataset complete and returns at once
 demo: install
-	$(VENV)/bin/diffumask generate shapes --per-class 4 --out $(OUT) --resume
+	$(VENV)/bin/diffumask generate shapes --per-class 2 --out $(OUT) --resume
 	$(VENV)/bin/diffumask info $(OUT)
 
 test: install
