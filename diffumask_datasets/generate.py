@@ -23,6 +23,15 @@ def sample_seed(base: int, index: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def best_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
 def _as_class_lists(prompts: Sequence[str], classes: Sequence[Any]) -> list[list[str]]:
     if len(classes) != len(prompts):
         raise DiffuMaskError(
@@ -60,7 +69,16 @@ class DiffuMask:
     """
 
     def __init__(self, model: Any = "builtin:tiny-random", device: str | None = None, dtype=None):
+        """device None: a model given by name goes to the best device (CUDA, then MPS,
+        else it stays on the CPU) in float16 there unless `dtype` says otherwise; a
+        pipeline object stays where it is."""
         self.model = model_name(model)
+        if device is None and isinstance(model, str):
+            device = best_device()
+            if device == "cpu":
+                device = None  # where built and loaded models already are
+            elif dtype is None:
+                dtype = "float16"
         self.pipe = load_pipeline(model, device=device, dtype=dtype)
         self.pipe.set_progress_bar_config(disable=True)
 

@@ -127,3 +127,20 @@ def test_pipeline_object_is_used_as_is(tiny):
 def test_not_a_pipeline():
     with pytest.raises(DiffuMaskError, match=r"'int' is not a diffusers UNet pipeline"):
         load_pipeline(3)
+
+
+def test_a_named_model_goes_to_the_best_device(monkeypatch):
+    import torch
+
+    moves = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        "diffumask_datasets.generate.load_pipeline",
+        lambda model, device=None, dtype=None: (
+            moves.append((device, dtype)) or load_pipeline(model)
+        ),
+    )
+    DiffuMask("builtin:tiny-random")
+    DiffuMask("builtin:tiny-random", device="cpu")
+    DiffuMask("builtin:tiny-random", dtype="bfloat16")
+    assert moves == [("cuda", "float16"), ("cpu", None), ("cuda", "bfloat16")]
