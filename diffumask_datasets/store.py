@@ -58,7 +58,8 @@ class Record:
     seed: int
     classes: list[str]  # class names the prompt names, main class first
     quality: float
-    attention: dict[str, np.ndarray]  # class name -> float32 low-resolution map in [0, 1]
+    # class name -> float32 low-resolution map in [0, 1]; empty where a source has none
+    attention: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +15,13 @@ from diffumask_datasets.export import assign_splits, sample_name
 from diffumask_datasets.export.coco import export_coco
 from diffumask_datasets.export.hf import card_configs, export_hf, with_configs
 from diffumask_datasets.export.voc import export_voc, voc_colormap
+from diffumask_datasets.store import Record
 
 # Non-contiguous ids, as a definition with the 20 VOC classes gives bird and dog.
 # pycocotools 2.0.11 calls np.array(copy=False) on numpy 2: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 CLASS_NAMES = {3: "bird", 12: "dog"}
-
-
-@dataclass
-class FakeRecord:
-    index: int
-    image: Image.Image
-    mask: np.ndarray
-    prompt: str
-    seed: int
-    classes: list[str]
-    quality: float
-    attention: dict = field(default_factory=dict)
-    meta: dict = field(default_factory=dict)
 
 
 def synthetic_mask(rng: np.random.Generator, size: int = 48) -> np.ndarray:
@@ -53,13 +40,13 @@ def synthetic_mask(rng: np.random.Generator, size: int = 48) -> np.ndarray:
     return mask
 
 
-def make_records(n: int = 6, size: int = 48) -> list[FakeRecord]:
+def make_records(n: int = 6, size: int = 48) -> list[Record]:
     rng = np.random.default_rng(0)
     records = []
     for index in range(n):
         pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
         records.append(
-            FakeRecord(
+            Record(
                 index=index,
                 image=Image.fromarray(pixels),
                 mask=synthetic_mask(rng, size),
@@ -234,7 +221,7 @@ def test_export_refuses_a_destination_overlapping_the_store(tmp_path):
         export_voc(make_records(1), CLASS_NAMES, tmp_path, overwrite=True, source=store)
 
 
-def with_attention(records: list[FakeRecord]) -> list[FakeRecord]:
+def with_attention(records: list[Record]) -> list[Record]:
     rng = np.random.default_rng(2)
     for record in records:
         record.attention = {name: rng.random((8, 8)).astype(np.float32) for name in record.classes}

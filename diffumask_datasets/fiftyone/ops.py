@@ -24,6 +24,7 @@ from fiftyone import ViewField as F
 from PIL import Image
 
 from ..errors import DiffuMaskError
+from ..store import Record
 from .importer import GROUND_TRUTH, INFO_KEY
 from .media import REFINED_DIR, _write_atomic, class_slug, pixel_fractions, sample_stem
 
@@ -404,19 +405,6 @@ def class_statistics(
 
 
 @dataclass
-class ViewRecord:
-    """A FiftyOne sample as the exporters read a store record."""
-
-    index: int
-    image: Image.Image
-    mask: np.ndarray
-    prompt: str
-    seed: int
-    classes: list[str]
-    quality: float
-
-
-@dataclass
 class _RecordSource:
     index: int
     image_path: str
@@ -426,12 +414,12 @@ class _RecordSource:
     classes: list[str]
     quality: float
 
-    def load(self) -> ViewRecord:
+    def load(self) -> Record:
         with Image.open(self.image_path) as image:
             rgb = image.convert("RGB")
         with Image.open(self.mask_path) as mask:
             ids = np.asarray(mask, dtype=np.uint8)
-        return ViewRecord(self.index, rgb, ids, self.prompt, self.seed, self.classes, self.quality)
+        return Record(self.index, rgb, ids, self.prompt, self.seed, self.classes, self.quality)
 
 
 def view_records(collection, mask_field: str = GROUND_TRUTH) -> list[_RecordSource]:
