@@ -26,7 +26,6 @@ from .errors import DiffuMaskError
 
 PROG = "diffumask"
 IGNORE = 255  # the mask value for uncertain pixels (sample.IGNORE; not imported: numpy)
-PATH_CHARACTERS = ("/", "\\", "\0", ":")
 
 # Commands that live in other modules, loaded when named (FiftyOne is optional).
 LAZY_COMMANDS = {
@@ -123,6 +122,8 @@ def parse_class_list(value: str | None) -> list[str] | None:
     names = [name.strip() for name in value.split(",")]
     if not all(names):
         raise click.BadParameter(f"{value!r} has an empty class name; write e.g. bird,dog")
+    from .definitions import PATH_CHARACTERS
+
     for name in names:
         bad = [c for c in PATH_CHARACTERS if c in name]
         if bad or name in (".", ".."):
@@ -260,7 +261,6 @@ def generate(
 
     check_output_dir(out, resume)
     definition = load_definition(dataset)
-    check_definition_class_names(definition)
     if classes is not None:
         definition.select(classes)  # unknown names fail here, with close matches
     config = generation_config(
@@ -326,19 +326,6 @@ def complete_store(out: Path, fingerprint: str) -> Any:
     except DiffuMaskError:
         return None
     return store if store.fingerprint == fingerprint else None
-
-
-def check_definition_class_names(definition: Any) -> None:
-    """Class names end up in file and folder names of some tools (FiftyOne, exports of
-    other toolkits): refuse path characters where the definition is read."""
-    for cls in definition.classes:
-        bad = [c for c in PATH_CHARACTERS if c in cls.name]
-        if bad or cls.name in (".", ".."):
-            raise DiffuMaskError(
-                f"{definition.source}: class name {cls.name!r} contains the path character "
-                f"{(bad or [cls.name])[0]!r}; rename the class (e.g. "
-                f"{cls.name.replace('/', '_').replace(chr(92), '_').strip('.') or 'thing'!r})"
-            )
 
 
 def generation_config(definition: Any, **options: Any) -> Any:

@@ -78,6 +78,7 @@ DEFAULT_KEYS = (
 DEFAULT_TEMPLATES = ("a photo of a {sub_class} {class}",)
 DEFAULT_PAIR_TEMPLATES = ("a photo of a {sub_class} {class} and a {other}",)
 _NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+PATH_CHARACTERS = ("/", "\\", "\0", ":")
 _PLACEHOLDERS = ("class", "sub_class", "other")
 
 
@@ -398,6 +399,14 @@ def _parse(data: Any, source: str) -> Definition:
             )
         seen_ids[class_id] = label
         class_name = _string(raw["name"], f"{label}: name")
+        # Class names become file and folder names in exports and FiftyOne media.
+        bad = [c for c in PATH_CHARACTERS if c in class_name]
+        if bad or class_name in (".", ".."):
+            raise DiffuMaskError(
+                f"{label}: name {class_name!r} contains the path character "
+                f"{(bad or [class_name])[0]!r}; rename the class, e.g. "
+                f"{class_name.replace('/', '_').replace(chr(92), '_').strip('.') or 'thing'!r}"
+            )
         if class_name in seen_names:
             raise DiffuMaskError(
                 f"{label}: duplicate name {class_name!r}, already used by {seen_names[class_name]}"

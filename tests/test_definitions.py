@@ -106,6 +106,12 @@ def test_unknown_top_level_key_is_named(tmp_path):
     assert "'clases'" in message and "'classes'" in message
 
 
+@pytest.mark.parametrize("name", ["fruit/banana", "..", "c:banana"])
+def test_class_name_with_a_path_character_is_refused(tmp_path, name):
+    message = error_of(tmp_path, GOOD.replace("name: banana", f"name: '{name}'"))
+    assert f"name {name!r} contains the path character" in message
+
+
 def test_duplicate_id_names_both_classes(tmp_path):
     message = error_of(tmp_path, GOOD.replace("id: 2", "id: 1"))
     assert "duplicate id 1" in message and "banana" in message and "apple" in message
