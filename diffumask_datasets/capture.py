@@ -93,8 +93,14 @@ def layer_factors(unet) -> dict[str, int]:
     return factors
 
 
-def is_cross_attention(name: str) -> bool:
-    return ".attn2." in name
+def cross_attention_layers(unet) -> set[str]:
+    """Processor names of the layers that attend to the text. Read from each Attention
+    module, not from its name: with only_cross_attention, `attn1` attends to text too."""
+    return {
+        name
+        for name in unet.attn_processors
+        if unet.get_submodule(name.removesuffix(".processor")).is_cross_attention
+    }
 
 
 class _Store:
@@ -310,7 +316,8 @@ def _select_layers(unet, options: CaptureOptions) -> dict[str, tuple[int, bool]]
     """{processor name: (factor, is cross)} of the layers to wrap, checked against what
     the UNet has."""
     factors = layer_factors(unet)
-    cross = {n: f for n, f in factors.items() if is_cross_attention(n)}
+    text = cross_attention_layers(unet)
+    cross = {n: f for n, f in factors.items() if n in text}
     if not cross:
         raise DiffuMaskError(
             f"{type(unet).__name__} has no cross-attention layers: there is nothing to capture"
@@ -326,7 +333,7 @@ def _select_layers(unet, options: CaptureOptions) -> dict[str, tuple[int, bool]]
         )
     selected = {n: (f, True) for n, f in cross.items() if f in wanted}
     if options.affinity_factor is not None:
-        selfs = {n: f for n, f in factors.items() if not is_cross_attention(n)}
+        selfs = {n: f for n, f in factors.items() if n not in text}
         if options.affinity_factor not in selfs.values():
             raise DiffuMaskError(
                 f"the UNet has no self-attention at factor {options.affinity_factor}; it has "
@@ -339,7 +346,8 @@ def _select_layers(unet, options: CaptureOptions) -> dict[str, tuple[int, bool]]
 def default_affinity_factor(unet) -> int:
     """The finest self-attention at or below half the latent resolution (32x32 for SD at
     512 px): fine enough to follow object boundaries, small enough to keep (Q x Q)."""
-    factors = sorted({f for n, f in layer_factors(unet).items() if not is_cross_attention(n)})
+    text = cross_attention_layers(unet)
+    factors = sorted({f for n, f in layer_factors(unet).items() if n not in text})
     if not factors:
         raise DiffuMaskError("the UNet has no self-attention layers to take an affinity from")
     return next((f for f in factors if f >= 2), factors[-1])

@@ -218,3 +218,29 @@ def test_sd2_style_unet():
     assert np.abs(plain - captured).max() <= 1 / 255
     result = cap.result()
     assert set(result.cross) == {(8, 8), (4, 4)} and result.affinity.shape == (1, 64, 64)
+
+
+def test_only_cross_attention_unet_reads_both_text_layers():
+    """With only_cross_attention, `attn1` attends to the text too: it is captured as
+    cross-attention and there is no self-attention for an affinity."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        only_cross_attention=True,
+    ).eval()
+    with torch.no_grad(), trace(unet, [[5]], CaptureOptions(conditional_half=False)) as cap:
+        unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 77, 32))
+    # attn1 and attn2 of one down and two up blocks; the mid block keeps plain attn2
+    assert cap.result().layers == {(8, 8): 6, (4, 4): 1}
+    with pytest.raises(DiffuMaskError, match="no self-attention at factor 1"):
+        with trace(unet, [[5]], CaptureOptions(affinity_factor=1)):
+            pass
