@@ -280,6 +280,9 @@ def generate(
     complete = complete_store(out, config.fingerprint(definition)) if resume else None
     if complete is not None:
         click.echo(f"{complete.path} is already complete ({len(complete)} samples)")
+        sheet = Path(complete.path) / "contact_sheet.png"
+        if sheet.is_file():
+            click.echo(f"contact sheet (images with their masks): {sheet}")
         return
     # transformers' notices (e.g. about torchvision-backed image processors the pipeline
     # never uses) would bury the progress bar; a user's own setting wins.
