@@ -17,3 +17,15 @@ def tiny():
     from diffumask_datasets import DiffuMask
 
     return DiffuMask("builtin:tiny-random")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch CPU thread for the module: kernels round differently with other thread
+    counts, so runs compared byte for byte (subprocesses too) use one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -32,14 +32,8 @@ ARGS = dict(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Runs compared with each other use one CPU thread (other counts round differently).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Runs compared with each other in this module use one CPU thread."""
 
 
 def stray_files(folder: Path) -> None:

@@ -27,15 +27,8 @@ SMALL = dict(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # CPU kernels round differently with other thread counts; every run compared in
-    # this module (subprocesses too) uses one thread.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Runs compared with each other in this module use one CPU thread."""
 
 
 class NoEngine:
