@@ -449,6 +449,9 @@ def run_and_stop(args: list[str], stop_when, sig: int, timeout: float = 300):
         stderr=subprocess.PIPE,
         text=True,
         env=subprocess_env(),
+        # A shell's background job (CI may run us as one) ignores SIGINT, and a child
+        # inherits that: give it back the default, as an interactive terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + timeout
     stopped = False
