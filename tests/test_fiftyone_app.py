@@ -86,6 +86,19 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float) -> None:
     raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
 
 
+def wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout: float) -> None:
+    """The App's server answers from its own process, possibly before the CLI has
+    printed its banner, so the banner is awaited on its own."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the app exited early with code {process.returncode}")
+        time.sleep(0.5)
+    raise AssertionError(f"{text!r} not printed within {timeout:.0f} s:\n{log.read_text()}")
+
+
 @pytest.fixture(scope="module")
 def served_app(tmp_path_factory):
     root = tmp_path_factory.mktemp("fo-app")
@@ -117,6 +130,7 @@ def served_app(tmp_path_factory):
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for_http(url, process, timeout=180)
+        wait_for_line(log, "FiftyOne App:", process, timeout=60)
         yield {"url": url, "process": process, "log": log, "root": root}
     finally:
         if process.poll() is None:
