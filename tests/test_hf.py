@@ -166,9 +166,14 @@ def test_num_proc_splits_the_shards_and_changes_nothing(reference, tmp_path):
 
 KILLED = textwrap.dedent(
     """
-    import sys, torch
+    import sys, time, torch
     torch.set_num_threads(1)
     import diffumask_datasets.hf
+    from diffumask_datasets import store
+
+    # a pause after each shard, so the kill lands mid-run however fast the machine is
+    write_shard = store._write_parquet_atomic
+    store._write_parquet_atomic = lambda *a: (write_shard(*a), time.sleep(0.5))
     from datasets import load_dataset
     load_dataset("diffumask-voc", split="train", cache_dir=sys.argv[1], model="builtin:tiny-random",
                  classes=["bird", "dog"], images_per_class=2, num_inference_steps=3,
