@@ -7,10 +7,11 @@ download. They draw noise; `builtin:shapes` is the trained model that draws some
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,29 @@ def _tiny_sdxl():
     )
 
 
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """diffusers' and transformers' loading bars and advice (install accelerate, ...)
+    are noise for a 7 MB model shipped with the package; errors still show."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [
+        (lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
+        for lib in (diffusers_logging, transformers_logging)
+    ]
+    try:
+        for lib, _, _ in saved:
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+        yield
+    finally:
+        for lib, verbosity, bars in saved:
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
+
+
 def _shapes():
     from diffusers import StableDiffusionPipeline
 
@@ -183,9 +207,13 @@ def _shapes():
             f"the built-in shapes model is missing from {SHAPES_WEIGHTS}; reinstall the "
             "package, or use builtin:tiny-random"
         )
-    return StableDiffusionPipeline.from_pretrained(
-        SHAPES_WEIGHTS, safety_checker=None, requires_safety_checker=False, local_files_only=True
-    )
+    with _quiet_libraries():
+        return StableDiffusionPipeline.from_pretrained(
+            SHAPES_WEIGHTS,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=True,
+        )
 
 
 BUILTINS: dict[str, Callable[[], Any]] = {

@@ -144,14 +144,33 @@ def test_tokenizer_knows_every_word_of_the_shapes_builder():
         assert cls.prompt in vocab and all(s in vocab for s in cls.sub_classes)
 
 
+def test_shipped_model_loads_quietly(capfd):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from diffumask_datasets.models import _shapes
+
+    before = [
+        (lib.get_verbosity(), lib.is_progress_bar_enabled())
+        for lib in (diffusers_logging, transformers_logging)
+    ]
+    _shapes()
+    err = capfd.readouterr().err
+    assert "Loading" not in err and "accelerate" not in err, err
+    # the libraries' settings are the user's again
+    assert before == [
+        (lib.get_verbosity(), lib.is_progress_bar_enabled())
+        for lib in (diffusers_logging, transformers_logging)
+    ]
+
+
 @pytest.fixture(scope="module")
 def shapes_pipe():
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        WEIGHTS, safety_checker=None, requires_safety_checker=False, local_files_only=True
-    )
+    from diffumask_datasets.models import _shapes
+
+    pipe = _shapes()  # a fresh copy, not the in-process cached one
     pipe.set_progress_bar_config(disable=True)
     # On a loaded 2-core machine, two threads over 16x16 tensors spend their time waiting
     # on each other (measured: 64 s against 1.4 s for four images); one is faster.
