@@ -178,8 +178,9 @@ def _tiny_sdxl():
 
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
-    """diffusers' and transformers' loading bars and advice (install accelerate, ...)
-    are noise for a 7 MB model shipped with the package; errors still show."""
+    """diffusers' and transformers' loading bars and advice (install accelerate,
+    torchvision, ...) are noise for the small models shipped with the package; errors
+    still show."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -207,13 +208,9 @@ def _shapes():
             f"the built-in shapes model is missing from {SHAPES_WEIGHTS}; reinstall the "
             "package, or use builtin:tiny-random"
         )
-    with _quiet_libraries():
-        return StableDiffusionPipeline.from_pretrained(
-            SHAPES_WEIGHTS,
-            safety_checker=None,
-            requires_safety_checker=False,
-            local_files_only=True,
-        )
+    return StableDiffusionPipeline.from_pretrained(
+        SHAPES_WEIGHTS, safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
 
 
 BUILTINS: dict[str, Callable[[], Any]] = {
@@ -223,9 +220,16 @@ BUILTINS: dict[str, Callable[[], Any]] = {
 }
 
 
+def _make_builtin(name: str):
+    # quiet from the first import of diffusers' pipelines (transformers' notices about
+    # torchvision) to the last weight loaded
+    with _quiet_libraries():
+        return BUILTINS[name]()
+
+
 @functools.cache
 def _builtin(name: str):
-    return BUILTINS[name]()
+    return _make_builtin(name)
 
 
 def _from_pretrained(spec: str, dtype):
@@ -270,7 +274,7 @@ def load_pipeline(spec: Any = "builtin:tiny-random", device: str | None = None, 
                 )
             # the cached instance is shared: moving it would move every user's copy
             moved = device is not None or dtype is not None
-            pipe = BUILTINS[spec]() if moved else _builtin(spec)
+            pipe = _make_builtin(spec) if moved else _builtin(spec)
         else:
             pipe = _from_pretrained(spec, dtype)
     elif hasattr(spec, "unet") and hasattr(spec, "tokenizer"):

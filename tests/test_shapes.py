@@ -148,13 +148,13 @@ def test_shipped_model_loads_quietly(capfd):
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from diffumask_datasets.models import _shapes
+    from diffumask_datasets.models import _make_builtin
 
     before = [
         (lib.get_verbosity(), lib.is_progress_bar_enabled())
         for lib in (diffusers_logging, transformers_logging)
     ]
-    _shapes()
+    _make_builtin("builtin:shapes")
     err = capfd.readouterr().err
     assert "Loading" not in err and "accelerate" not in err, err
     # the libraries' settings are the user's again
@@ -168,9 +168,9 @@ def test_shipped_model_loads_quietly(capfd):
 def shapes_pipe():
     import torch
 
-    from diffumask_datasets.models import _shapes
+    from diffumask_datasets.models import _make_builtin
 
-    pipe = _shapes()  # a fresh copy, not the in-process cached one
+    pipe = _make_builtin("builtin:shapes")  # a fresh copy, not the in-process cached one
     pipe.set_progress_bar_config(disable=True)
     # On a loaded 2-core machine, two threads over 16x16 tensors spend their time waiting
     # on each other (measured: 64 s against 1.4 s for four images); one is faster.
