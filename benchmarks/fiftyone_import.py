@@ -24,83 +24,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-# the working tree's package, not an installed copy
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the working tree's package, not an installed copy, and the tests' synthetic stores
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def synthetic_records(count: int, size: int, attention_size: int, seed: int = 0):
-    """Records shaped like generated ones: a soft blob per class, the mask cut at 0.5."""
-    from diffumask_datasets.store import Record
-
-    rng = np.random.default_rng(seed)
-    ids = {"bird": 3, "dog": 12, "cat": 8}
-    combos = [["bird"], ["dog"], ["cat"], ["bird", "dog"], ["dog", "cat"]]
-    grid = np.mgrid[0:attention_size, 0:attention_size] / attention_size
-    for index in range(count):
-        classes = combos[index % len(combos)]
-        attention = {}
-        for name in classes:
-            cy, cx = rng.uniform(0.3, 0.7, 2)
-            radius = rng.uniform(0.1, 0.25)
-            attention[name] = np.exp(
-                -((grid[1] - cx) ** 2 + (grid[0] - cy) ** 2) / (2 * radius**2)
-            ).astype(np.float32)
-        up = np.stack(
-            [
-                np.asarray(
-                    Image.fromarray(attention[n], "F").resize(
-                        (size, size), Image.Resampling.BILINEAR
-                    )
-                )
-                for n in classes
-            ]
-        )
-        class_ids = np.array([ids[n] for n in classes], np.uint8)
-        mask = np.where(up.max(0) > 0.5, class_ids[up.argmax(0)], 0).astype(np.uint8)
-        image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
-        yield Record(
-            index=index,
-            image=image,
-            mask=mask,
-            prompt="a photo of a " + " and a ".join(classes),
-            seed=index,
-            classes=classes,
-            quality=float(rng.uniform(0, 1)),
-            attention=attention,
-            meta={
-                "model": "builtin:tiny-random",
-                "num_inference_steps": 4,
-                "guidance_scale": 7.5,
-                "refinement": {
-                    "method": "threshold",
-                    "params": {"threshold": 0.5},
-                    "chain": [{"step": "aggregate"}, {"step": "threshold", "value": 0.5}],
-                },
-            },
-        )
-
-
 def make_store(path: Path, count: int, size: int):
-    from diffumask_datasets.definitions import load_definition
-    from diffumask_datasets.store import make_manifest, open_store, write_store
+    """The FiftyOne tests' synthetic store (a soft blob per class, the mask cut at 0.5),
+    made once per folder."""
+    from fiftyone_data import make_store as make_synthetic_store
+
+    from diffumask_datasets.store import open_store
 
     if (path / "manifest.json").is_file():
         return open_store(path)
-    attention_size = max(8, size // 8)  # what generation stores by default
-    manifest = make_manifest(
-        load_definition("voc"),
-        config={"benchmark": True, "count": count, "size": size},
-        fingerprint=f"bench-{count}-{size}",
-        num_samples=count,
-        shard_size=256,
-        attention_size=attention_size,
-    )
-    return write_store(path, synthetic_records(count, size, attention_size), manifest)
+    # what generation stores by default
+    return make_synthetic_store(path, count, size, shard_size=256, attention_size=max(8, size // 8))
 
 
 def timed(fn) -> float:

@@ -15,7 +15,7 @@
 
 The last line printed is exactly `shapes: mask_miou=<best> synthetic_over_real=<ratio>`.
 
-    python benchmarks/shapes_quality.py            # ~5-8 minutes on 2 CPU cores
+    python benchmarks/shapes_quality.py            # ~5 minutes on 2 idle CPU cores
     python benchmarks/shapes_quality.py --json out.json
 """
 
@@ -206,7 +206,7 @@ def evaluate_segmenter(net, scenes) -> tuple[float, list[float]]:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="builtin:shapes")
-    parser.add_argument("--fidelity-images", type=int, default=64)
+    parser.add_argument("--fidelity-images", type=int, default=256)
     parser.add_argument("--train-images", type=int, default=256, help="N of protocol (b)")
     parser.add_argument("--test-scenes", type=int, default=256)
     parser.add_argument("--seg-steps", type=int, default=400)

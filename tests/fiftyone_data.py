@@ -4,7 +4,8 @@ Each sample's attention is a Gaussian blob per class (low resolution, as the sto
 keeps it); its mask is the blob upsampled and cut at 0.5, the way refinement does it,
 so re-thresholding the stored maps behaves like it does on generated samples. Several
 layouts are made without the diffusion model, which keeps the suite fast; one test
-builds a store with the real engine too.
+builds a store with the real engine too. benchmarks/fiftyone_import.py imports the
+same stores.
 """
 
 from __future__ import annotations
@@ -75,13 +76,15 @@ def synthetic_records(count: int, size: int = 64, attention_size: int = 16, seed
         )
 
 
-def make_store(dest: Path, count: int, size: int = 64, shard_size: int = 64) -> Store:
+def make_store(
+    dest: Path, count: int, size: int = 64, shard_size: int = 64, attention_size: int = 16
+) -> Store:
     manifest = make_manifest(
         load_definition("voc"),
         config={"synthetic": True, "count": count, "size": size},
         fingerprint=f"synthetic-{count}-{size}",
         num_samples=count,
         shard_size=shard_size,
-        attention_size=16,
+        attention_size=attention_size,
     )
-    return write_store(dest, synthetic_records(count, size), manifest)
+    return write_store(dest, synthetic_records(count, size, attention_size), manifest)
