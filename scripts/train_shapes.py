@@ -439,8 +439,15 @@ def main(argv=None) -> None:
     p.add_argument("--work", type=Path, default=Path("runs/shapes"))
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--minutes", type=float, default=90.0, help="UNet training time budget")
-    p.add_argument("--max-steps", type=int, default=100_000)
+    p.add_argument(
+        "--minutes", type=float, default=120.0, help="UNet training time cap (a safety stop)"
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=11_817,
+        help="UNet steps (the shipped run's 11817); a step count, not a time, keeps runs equal",
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--vae-steps", type=int, default=800)
