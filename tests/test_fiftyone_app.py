@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -188,7 +187,7 @@ def test_browser_shows_the_grid_with_masks(served_app, tmp_path):
     blocked = []
     with playwright.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            tempfile.mkdtemp(prefix="chromium-profile-"),  # a fresh profile every run
+            str(tmp_path / "chromium-profile"),  # a fresh profile every run, cleaned by pytest
             executable_path=CHROMIUM,
             headless=True,
             args=CHROMIUM_FLAGS,
