@@ -8,9 +8,10 @@ plus an unsupervised attention-sharpness term (the entropy of each pixel's
 cross-attention distribution over tokens) between --entropy-start and --entropy-stop.
 Masks never enter training: they are read only by the localisation probe, which logs how
 well the cross-attention of the shape and colour words overlaps the objects in held-out
-scenes. The defaults are the shipped recipe: 315 steps without the term, the term at
+scenes. The defaults are the shipped run: 315 steps without the term, the term at
 weight 0.05 until step 4357 (attention collapses onto a sink token), then without it
-(the remainder on the object words localises), about 90 minutes on 2 CPU cores.
+until step 11817 (the remainder on the object words localises); 78 minutes end to end
+on 2 CPU cores.
 
     python scripts/train_shapes.py --work runs/shapes --export diffumask_datasets/weights/shapes
     python scripts/train_shapes.py --work runs/shapes --resume --export ...   # after a stop
