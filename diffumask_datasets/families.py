@@ -60,13 +60,17 @@ class UNetFamily:
         )
         return _noise(seeds, shape).to(device=self.model.device, dtype=self.model.dtype)
 
-    def call_arguments(self, prompts: Sequence[str], latents, settings: Mapping[str, Any]):
-        negative = settings["negative_prompt"]
+    def check(self, settings: Mapping[str, Any]) -> None:
+        """Refuses settings this family cannot run, before anything is generated."""
         if settings.get("true_cfg_scale", 1.0) != 1.0:
             raise DiffuMaskError(
                 f"true_cfg_scale={settings['true_cfg_scale']} is for FLUX.1 pipelines; this "
                 "model takes classifier-free guidance from guidance_scale"
             )
+
+    def call_arguments(self, prompts: Sequence[str], latents, settings: Mapping[str, Any]):
+        """The pipeline call's keyword arguments for one batch."""
+        negative = settings["negative_prompt"]
         return {
             "prompt": list(prompts),
             "negative_prompt": [negative] * len(prompts) if negative else None,
@@ -138,6 +142,9 @@ class FluxFamily(SD3Family):
 
     def conditional_half(self, guidance_scale: float) -> bool:
         return False  # guidance-distilled: the positive prompt runs alone
+
+    def check(self, settings):
+        pass  # true_cfg_scale is FLUX.1's own
 
     def latents(self, seeds, height, width):
         channels = self.model.config.in_channels // 4
