@@ -259,3 +259,51 @@ def test_true_cfg_scale_is_flux_only():
         width=64,
     )[0]
     assert s.meta["true_cfg_scale"] == 3.0 and s.mask.shape == (64, 64)
+
+
+# -- every surface: CLI, exports and FiftyOne (SD3); load_dataset (FLUX.1) ---------------
+
+
+def test_sd3_through_the_cli_exports_and_fiftyone(tmp_path):
+    from click.testing import CliRunner
+
+    from diffumask_datasets.cli import main
+    from diffumask_datasets.fiftyone import to_fiftyone
+
+    out = tmp_path / "ds"
+    args = ["generate", "voc", "--model", "builtin:tiny-random-sd3", "--classes", "bird,dog"]
+    args += ["--per-class", "1", "--steps", "2", "--size", "64", "--seed", "0", "--out", str(out)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(
+        main, ["export", str(out), "--format", "coco", "--to", str(tmp_path / "coco")]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "coco" / "annotations").is_dir()
+    bad = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "bad"), "--size", "72"])
+    assert bad.exit_code != 0 and "height=72 is not a multiple of 16" in bad.output
+    ds = to_fiftyone(out, media_dir=tmp_path / "media", progress=False)
+    try:
+        assert len(ds) == 2 and {s.model for s in ds} == {"builtin:tiny-random-sd3"}
+    finally:
+        ds.delete()
+
+
+def test_flux_through_load_dataset(tmp_path, monkeypatch):
+    import diffumask_datasets.hf  # noqa: F401  (registers the names)
+    from datasets import load_dataset
+
+    monkeypatch.chdir(tmp_path)
+    ds = load_dataset(
+        "diffumask-voc",
+        model="builtin:tiny-random-flux",
+        classes=["bird", "dog"],
+        images_per_class=1,
+        num_inference_steps=2,
+        resolution=64,
+        seed=0,
+        split="train",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    assert len(ds) == 2 and ds[0]["mask"].size == (64, 64)
+    assert all("tiny-random-flux" in str(row["meta"]) for row in ds)
