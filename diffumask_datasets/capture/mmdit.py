@@ -112,7 +112,8 @@ class JointCaptureProcessor:
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *a, **kw
     ):
-        if encoder_hidden_states is None or attention_mask is not None or not self.store.active:
+        # (the stock processor ignores attention_mask; so does this one)
+        if encoder_hidden_states is None or not self.store.active:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, *a, **kw)
         residual = hidden_states
         batch_size = hidden_states.shape[0]
@@ -266,9 +267,9 @@ class FluxCaptureProcessor:
 
 
 def text_layers(model) -> dict[str, int]:
-    """{processor name: joint block index} of the layers that attend to the text: every
-    joint (double-stream) block's `attn`, and FLUX.1's single-stream blocks (index None
-    counts after the joint ones). SD3.5's image-only `attn2` is left out."""
+    """{processor name: block index} of the layers that attend to the text: every joint
+    (double-stream) block's `attn`, then FLUX.1's single-stream blocks, numbered on after
+    the joint ones. SD3.5's image-only `attn2` is left out."""
     layers = {}
     for name in model.attn_processors:
         parts = name.split(".")
