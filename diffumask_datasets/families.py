@@ -67,6 +67,14 @@ class UNetFamily:
                 f"true_cfg_scale={settings['true_cfg_scale']} is for FLUX.1 pipelines; this "
                 "model takes classifier-free guidance from guidance_scale"
             )
+        if settings.get("map_kind", "cross") != "cross":
+            raise DiffuMaskError(
+                f"map_kind={settings['map_kind']!r} is for FLUX.1 pipelines (ConceptAttention "
+                "on its double-stream blocks); use map_kind='cross'"
+            )
+
+    def concepts(self, token_indices, tokens):
+        return None  # cross-attention maps only
 
     def call_arguments(self, prompts: Sequence[str], latents, settings: Mapping[str, Any]):
         """The pipeline call's keyword arguments for one batch."""
@@ -144,7 +152,43 @@ class FluxFamily(SD3Family):
         return False  # guidance-distilled: the positive prompt runs alone
 
     def check(self, settings):
-        pass  # true_cfg_scale is FLUX.1's own
+        pass  # true_cfg_scale and concept maps are FLUX.1's own
+
+    def concept_embedding(self, name: str):
+        """A concept's T5 embedding: the mean over its word pieces, encoded alone (so it
+        does not depend on the other concepts of the batch)."""
+        import torch
+
+        tokenizer, encoder = self.pipe.tokenizer_2, self.pipe.text_encoder_2
+        ids = tokenizer(name, return_tensors="pt").input_ids.to(encoder.device)
+        with torch.no_grad():
+            hidden = encoder(ids)[0][0].float()
+        pieces = (ids[0] != tokenizer.pad_token_id) & (ids[0] != tokenizer.eos_token_id)
+        return hidden[pieces].mean(dim=0)
+
+    def concepts(self, token_indices: Sequence[Mapping[str, Sequence[int]]], tokens):
+        """ConceptAttention's concepts of a batch: per prompt its classes, then background;
+        tokens: per prompt the kept token positions, each read from its class's concept."""
+        import torch
+
+        from .capture.mmdit import BACKGROUND, Concepts
+
+        names = [[*classes, BACKGROUND] for classes in token_indices]
+        width = max(len(n) for n in names)
+        embedded = {n: self.concept_embedding(n) for n in sorted({n for ns in names for n in ns})}
+        some = next(iter(embedded.values()))
+        embeddings = torch.zeros(len(names), width, some.shape[-1])
+        valid = torch.zeros(len(names), width, dtype=torch.bool)
+        of_column = torch.zeros(len(names), max(len(t) for t in tokens), dtype=torch.long)
+        for p, (prompt_names, positions) in enumerate(zip(names, token_indices, strict=True)):
+            for c, name in enumerate(prompt_names):
+                embeddings[p, c] = embedded[name]
+                valid[p, c] = True
+            for column, token in enumerate(tokens[p]):
+                of_column[p, column] = next(
+                    c for c, n in enumerate(positions) if token in positions[n]
+                )
+        return Concepts(embeddings, valid, of_column)
 
     def latents(self, seeds, height, width):
         channels = self.model.config.in_channels // 4

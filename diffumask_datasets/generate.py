@@ -108,9 +108,12 @@ class DiffuMask:
         refinement: Refinement | Mapping[str, Any] | str | None = None,
         progress: bool = False,
         true_cfg_scale: float = 1.0,
+        map_kind: str = "cross",
     ) -> list[Sample]:
         """true_cfg_scale: FLUX.1 only (guidance-distilled): above 1, with a negative
-        prompt, the negative runs as a second pass and the two are mixed."""
+        prompt, the negative runs as a second pass and the two are mixed.
+        map_kind: "cross" (attention to the class tokens) or, FLUX.1 only, "concept"
+        (ConceptAttention; recorded in each sample's meta)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise DiffuMaskError("no prompts given")
@@ -149,6 +152,7 @@ class DiffuMask:
             if params.needs_affinity
             else None,
             conditional_half=self.family.conditional_half(guidance_scale),
+            map_kind=map_kind,
         )
         settings = {
             "negative_prompt": negative_prompt,
@@ -159,6 +163,8 @@ class DiffuMask:
         }
         if true_cfg_scale != 1.0:
             settings["true_cfg_scale"] = float(true_cfg_scale)
+        if map_kind != "cross":
+            settings["map_kind"] = map_kind
         self.family.check(settings)
         samples: list[Sample] = []
         bar = None
@@ -184,7 +190,8 @@ class DiffuMask:
     def _batch(self, prompts, token_indices, seeds, class_ids, options, params, settings):
         tokens = [sorted({p for positions in t.values() for p in positions}) for t in token_indices]
         latents = self._latents(seeds, settings["height"], settings["width"])
-        with trace(self.pipe, tokens, options) as cap:
+        concepts = self.family.concepts(token_indices, tokens) if "map_kind" in settings else None
+        with trace(self.pipe, tokens, options, concepts) as cap:
             images = self.pipe(**self.family.call_arguments(prompts, latents, settings)).images
         captured = cap.result()
         samples = []

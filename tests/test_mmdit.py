@@ -290,8 +290,9 @@ def test_sd3_through_the_cli_exports_and_fiftyone(tmp_path):
 
 
 def test_flux_through_load_dataset(tmp_path, monkeypatch):
-    import diffumask_datasets.hf  # noqa: F401  (registers the names)
     from datasets import load_dataset
+
+    import diffumask_datasets.hf  # noqa: F401  (registers the names)
 
     monkeypatch.chdir(tmp_path)
     ds = load_dataset(
@@ -307,3 +308,51 @@ def test_flux_through_load_dataset(tmp_path, monkeypatch):
     )
     assert len(ds) == 2 and ds[0]["mask"].size == (64, 64)
     assert all("tiny-random-flux" in str(row["meta"]) for row in ds)
+
+
+# -- map kind "concept": ConceptAttention on FLUX.1 ---------------------------------------
+
+
+def test_concept_maps_leave_the_image_and_are_a_softmax_over_the_concepts():
+    pipe = load_pipeline("builtin:tiny-random-flux")
+    pipe.set_progress_bar_config(disable=True)
+    family = family_of(pipe)
+    prompts = ["a photo of an aeroplane", "a dog and a cat"]
+    found = [
+        family.token_positions(prompts[0], ["aeroplane"], None),
+        family.token_positions(prompts[1], ["dog", "cat"], None),
+    ]
+    kept = [sorted({p for positions in f.values() for p in positions}) for f in found]
+    concepts = family.concepts(found, kept)
+    assert concepts.valid.tolist() == [[True, True, False], [True, True, True]]
+    plain = run(pipe, prompts)
+    concept = CaptureOptions(conditional_half=False, map_kind="concept", affinity_factor=1)
+    with trace(pipe, kept, concept, concepts) as cap:
+        captured = run(pipe, prompts)
+    assert np.abs(plain - captured).max() == 0  # image tokens never attend to concepts
+    result = cap.result()
+    assert result.layers == {(4, 4): 1}  # the second half of the two double blocks
+    maps = result.cross[(4, 4)]  # [prompts, kept columns, 4, 4]
+    dog, cat = (result.token_maps(1, found[1][name])[(4, 4)] for name in ("dog", "cat"))
+    # a softmax over dog, cat and background: the classes leave the background some share
+    assert (maps > 0).all() and ((dog + cat) < 1).all()
+    assert not np.allclose(dog, cat)
+
+
+def test_concept_maps_through_diffumask_are_recorded_and_batch_independent():
+    dm = DiffuMask("builtin:tiny-random-flux")
+    small = {"num_inference_steps": 2, "height": 64, "width": 64, "map_kind": "concept"}
+    classes = [["aeroplane"], ["dog"]]
+    together = dm(PROMPTS, classes=classes, batch_size=2, **small)
+    alone = dm(PROMPTS, classes=classes, batch_size=1, **small)
+    for a, b in zip(together, alone, strict=True):
+        assert a.meta["map_kind"] == "concept"
+        (name,) = a.attention
+        np.testing.assert_allclose(a.attention[name], b.attention[name], atol=1e-4)
+    with pytest.raises(DiffuMaskError, match=r"map_kind='concept' is for FLUX.1 pipelines"):
+        DiffuMask("builtin:tiny-random-sd3")(PROMPTS[:1], classes=[["aeroplane"]], **small)
+    with pytest.raises(DiffuMaskError, match=r"map_kind='attention' is unknown"):
+        dm(PROMPTS[:1], classes=[["aeroplane"]], **{**small, "map_kind": "attention"})
+    with pytest.raises(DiffuMaskError, match=r"map_kind='concept' needs a FLUX.1 transformer"):
+        with trace(load_pipeline("builtin:tiny-random"), [[5]], CaptureOptions(map_kind="concept")):
+            pass

@@ -58,15 +58,19 @@ def default_affinity_factor(pipe_or_model) -> int:
 
 @contextlib.contextmanager
 def trace(
-    pipe_or_model, tokens: Sequence[Sequence[int]], options: CaptureOptions | None = None
+    pipe_or_model,
+    tokens: Sequence[Sequence[int]],
+    options: CaptureOptions | None = None,
+    concepts=None,
 ) -> Iterator[Capture]:
     """Capture attention of every pipeline call made inside the block.
 
     tokens: for each prompt of the (one) pipeline call, the text-token positions whose
     maps to keep, as positions in the text sequence the denoiser attends to (see
     tokens.find_class_tokens and families). The denoiser's original processors come
-    back on exit, on error too.
+    back on exit, on error too. concepts: for map_kind "concept" (FLUX.1; see
+    families.FluxFamily.concepts).
     """
     model = denoiser(pipe_or_model)
-    with _family(model).trace(model, tokens, options or CaptureOptions()) as cap:
+    with _family(model).trace(model, tokens, options or CaptureOptions(), concepts) as cap:
         yield cap

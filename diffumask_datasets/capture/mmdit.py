@@ -12,14 +12,24 @@ spatial normalisation): T5's padding tokens soak up much of every row's attentio
 FLUX.1 (attention sinks), unevenly across layers, so raw probabilities would weigh layers
 by how little the sinks took. The affinity is the image-to-image part of the joint
 attention, renormalised over the image keys, at a chosen set of joint blocks.
+
+map_kind "concept" (FLUX.1): ConceptAttention (Helbling et al., arXiv 2502.04320). Each
+prompt's class names and "background" are embedded by T5 alone and run as an extra token
+stream through the double-stream blocks with the text stream's weights (modulation,
+projections, feed-forward). Concept queries attend to the concept and image keys; image
+and text tokens never attend to the concepts, so the image is unchanged. A pixel's map is
+the softmax over its prompt's concepts of the dot products of its attention output with
+theirs (both before the output projection), averaged over the chosen blocks and steps.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import JointAttnProcessor2_0
@@ -41,12 +51,85 @@ WRAPPABLE = {
 }
 
 
+BACKGROUND = "background"  # the concept every prompt has besides its classes
+
+
+@dataclass
+class Concepts:
+    """ConceptAttention's concepts for one batch: per prompt its classes, then background."""
+
+    embeddings: torch.Tensor  # [P, C, T5 width], zeros where padded
+    valid: torch.Tensor  # [P, C] bool
+    of_column: torch.Tensor  # [P, kept columns]: the concept each kept token column reads
+
+
+class ConceptStream:
+    """The concept tokens' residual stream through FLUX.1's double-stream blocks, with the
+    text stream's weights; restarted at every transformer call that is read."""
+
+    def __init__(self, concepts: Concepts):
+        self.concepts = concepts
+        self.state: torch.Tensor | None = None
+        self.modulation: tuple[torch.Tensor, ...] | None = None
+        self.update: torch.Tensor | None = None
+
+    def start(self, model) -> None:
+        embeddings = self.concepts.embeddings.to(device=model.device, dtype=model.dtype)
+        self.state = model.context_embedder(embeddings)
+
+    def before_block(self, block, temb: torch.Tensor) -> None:
+        self.modulation = block.norm1_context(self.state, emb=temb[-self.state.shape[0] :])
+
+    def attend(self, attn, key: torch.Tensor, value: torch.Tensor, text: int) -> torch.Tensor:
+        """The concepts' attention output [P, C, inner] (before the output projection)
+        over their own keys and the image's (key, value: the read rows, [P, S, heads, d],
+        RoPE applied; concept positions are text positions, whose rotation is none)."""
+        normed = self.modulation[0]
+        query = attn.norm_added_q(attn.add_q_proj(normed).unflatten(-1, (-1, attn.head_dim)))
+        own_key = attn.norm_added_k(attn.add_k_proj(normed).unflatten(-1, (-1, attn.head_dim)))
+        own_value = attn.add_v_proj(normed).unflatten(-1, (-1, attn.head_dim))
+        keys = torch.cat([own_key, key[:, text:]], dim=1)
+        values = torch.cat([own_value, value[:, text:]], dim=1)
+        valid = self.concepts.valid.to(key.device)
+        images = valid.new_ones(valid.shape[0], key.shape[1] - text)
+        mask = torch.cat([valid, images], dim=1)[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
+        )
+        out = out.transpose(1, 2).flatten(2, 3)
+        self.update = attn.to_add_out(out)
+        return out
+
+    def after_block(self, block) -> None:
+        _, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation
+        state = self.state + gate_msa.unsqueeze(1) * self.update
+        normed = block.norm2_context(state) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        state = state + gate_mlp.unsqueeze(1) * block.ff_context(normed)
+        self.state = state.clip(-65504, 65504) if state.dtype == torch.float16 else state
+
+    def maps(self, image_out: torch.Tensor, concept_out: torch.Tensor) -> torch.Tensor:
+        """Softmax over each prompt's concepts of <image output, concept output>, read at
+        the kept columns: [P, image tokens, kept] float32."""
+        scores = torch.matmul(image_out.float(), concept_out.float().mT)  # [P, N, C]
+        valid = self.concepts.valid.to(scores.device)
+        probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1)
+        index = self.concepts.of_column.to(scores.device)[:, None, :]
+        return probs.gather(-1, index.expand(probs.shape[0], probs.shape[1], index.shape[-1]))
+
+
 class _Store(Store):
     """The shared running sums, placed on the transformer's grid of image tokens."""
 
-    def __init__(self, tokens: Sequence[Sequence[int]], options: CaptureOptions, family: str):
+    def __init__(
+        self,
+        tokens: Sequence[Sequence[int]],
+        options: CaptureOptions,
+        family: str,
+        concepts: Concepts | None = None,
+    ):
         super().__init__(tokens, options)
         self.family = family
+        self.stream = ConceptStream(concepts) if concepts is not None else None
         self.grid: tuple[int, int] | None = None  # image tokens, rows x columns
         self.text = 0  # text tokens in the joint sequence
         self.timestep: float | None = None
@@ -76,17 +159,26 @@ class _Store(Store):
     def active(self) -> bool:
         return self.reading and super().active
 
+    @property
+    def rows(self) -> int:
+        return 0 if not self.options.conditional_half else len(self.tokens)
+
     def attend(self, query, key, value, image: slice, text: slice, affinity: bool, **kwargs):
         """The attention output of the whole batch, exactly as the stock processor gives
         it; query, key, value [batch, heads, joint sequence, dim]. Keeps the image rows'
-        probabilities of the class columns (in the text at `text`) and, where asked, the
-        image-to-image affinity."""
+        probabilities of the class columns (in the text at `text`; map_kind "cross") and,
+        where asked, the image-to-image affinity."""
         rows = self.split(query.shape[0], "transformer")
-        columns = self.columns + text.start
-        out, picked = attend_keeping_columns(
-            query, key, value, rows, columns, queries=image, **kwargs
-        )
-        self.add_cross(spatially_normalised(picked.mean(dim=1)), self.grid)
+        if self.stream is None:
+            columns = self.columns + text.start
+            out, picked = attend_keeping_columns(
+                query, key, value, rows, columns, queries=image, **kwargs
+            )
+            self.add_cross(spatially_normalised(picked.mean(dim=1)), self.grid)
+        elif kwargs.get("plain") is not None:
+            out = kwargs["plain"]()
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=kwargs.get("mask"))
         if affinity:
             self.add_affinity(
                 mean_attention(query[rows:, :, image], key[rows:, :, image]), self.grid
@@ -180,10 +272,13 @@ class FluxCaptureProcessor:
     text in separately; single-stream blocks hand one joined sequence, whose text length
     the store was told at the start of the transformer call."""
 
-    def __init__(self, store: _Store, stock: FluxAttnProcessor, affinity: bool):
+    def __init__(
+        self, store: _Store, stock: FluxAttnProcessor, affinity: bool, concept_map: bool = False
+    ):
         self.store = store
         self.stock = stock
         self.affinity = affinity
+        self.concept_map = concept_map  # map_kind "concept": this block's maps are kept
 
     @property
     def _attention_backend(self):
@@ -249,6 +344,14 @@ class FluxCaptureProcessor:
         out = self.store.attend(
             q, k, v, slice(text, None), slice(0, text), self.affinity, mask=mask, plain=plain
         )
+        if self.store.stream is not None:
+            rows = self.store.rows
+            concept_out = self.store.stream.attend(attn, key[rows:], value[rows:], text)
+            if self.concept_map:
+                image_out = out[rows:, :, text:].transpose(1, 2).flatten(2, 3)
+                self.store.add_cross(
+                    self.store.stream.maps(image_out, concept_out), self.store.grid
+                )
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
@@ -290,8 +393,24 @@ def default_affinity_factor(model) -> int:
     return 1  # one resolution: the grid of image tokens
 
 
-def _select_layers(model, options: CaptureOptions) -> dict[str, bool]:
-    """{processor name: keeps the affinity} of the layers to wrap."""
+def default_concept_blocks(model) -> tuple[int, ...]:
+    """The second half of the double-stream blocks (ConceptAttention found the later
+    blocks' output space the most telling)."""
+    n = len(model.transformer_blocks)
+    return tuple(range(n // 2, n))
+
+
+def _blocks(name: str, wanted, joint: int, kind: str) -> set[int]:
+    blocks = set(wanted)
+    if not blocks or not blocks <= set(range(joint)):
+        raise DiffuMaskError(
+            f"{name}={sorted(blocks)}: {kind} has joint blocks 0..{joint - 1}; choose among them"
+        )
+    return blocks
+
+
+def _select_layers(model, options: CaptureOptions, concepts) -> dict[str, tuple[bool, bool]]:
+    """{processor name: (keeps the affinity, keeps concept maps)} of the layers to wrap."""
     kind = type(model).__name__
     if options.cross_factors not in (None, (1,)):
         raise DiffuMaskError(
@@ -303,19 +422,30 @@ def _select_layers(model, options: CaptureOptions) -> dict[str, bool]:
             f"affinity_factor={options.affinity_factor}: {kind} attends at one resolution; "
             "use affinity_factor=1 (and affinity_blocks to choose the blocks)"
         )
-    blocks = set()
+    joint = len(model.transformer_blocks)
+    affinity = set()
     if options.affinity_factor is not None:
-        joint = len(model.transformer_blocks)
-        blocks = set(options.affinity_blocks or default_affinity_blocks(model))
-        if not blocks or not blocks <= set(range(joint)):
+        wanted = options.affinity_blocks or default_affinity_blocks(model)
+        affinity = _blocks("affinity_blocks", wanted, joint, kind)
+    if options.map_kind not in ("cross", "concept"):
+        raise DiffuMaskError(f"map_kind={options.map_kind!r} is unknown; use 'cross' or 'concept'")
+    concept = set()
+    if options.map_kind == "concept":
+        if not isinstance(model, FluxTransformer2DModel) or concepts is None:
             raise DiffuMaskError(
-                f"affinity_blocks={sorted(blocks)}: {kind} has joint blocks 0..{joint - 1}; "
-                "choose among them"
+                f"map_kind='concept' needs a FLUX.1 transformer and its concepts (got {kind}"
+                f"{'' if concepts is not None else ', no concepts'}); use map_kind='cross'"
             )
-    return {
-        name: name.startswith("transformer_blocks.") and index in blocks
-        for name, index in text_layers(model).items()
-    }
+        wanted = options.concept_blocks or default_concept_blocks(model)
+        concept = _blocks("concept_blocks", wanted, joint, kind)
+    selected = {}
+    for name, index in text_layers(model).items():
+        joint_block = name.startswith("transformer_blocks.")
+        # the concept stream flows through every double block up to the last one read
+        streams = bool(concept) and joint_block and index <= max(concept)
+        if options.map_kind == "cross" or streams or (joint_block and index in affinity):
+            selected[name] = (joint_block and index in affinity, joint_block and index in concept)
+    return selected
 
 
 def _grid(model, args, kwargs) -> tuple[tuple[int, int], int]:
@@ -342,11 +472,17 @@ def _grid(model, args, kwargs) -> tuple[tuple[int, int], int]:
 
 
 @contextlib.contextmanager
-def trace(model, tokens: Sequence[Sequence[int]], options: CaptureOptions) -> Iterator[Capture]:
+def trace(
+    model,
+    tokens: Sequence[Sequence[int]],
+    options: CaptureOptions,
+    concepts: Concepts | None = None,
+) -> Iterator[Capture]:
     """Capture the joint attention of every call of `model` made inside the block; the
-    original processors come back on exit, on error too."""
+    original processors come back on exit, on error too. concepts: for map_kind
+    "concept" (see families.FluxFamily.concepts)."""
     originals = dict(model.attn_processors)
-    selected = _select_layers(model, options)
+    selected = _select_layers(model, options, concepts)
     wrappable = WRAPPABLE[next(c for c in SUPPORTED if isinstance(model, c))]
     for name in selected:
         processor = originals[name]
@@ -357,22 +493,40 @@ def trace(model, tokens: Sequence[Sequence[int]], options: CaptureOptions) -> It
                 f"{wrappable[0].__name__}()) (and unfuse projections) before generating"
             )
     flux = isinstance(model, FluxTransformer2DModel)
-    store = _Store(tokens, options, "FLUX.1" if flux else "SD3")
+    concepts = concepts if options.map_kind == "concept" else None
+    store = _Store(tokens, options, "FLUX.1" if flux else "SD3", concepts)
     processors = dict(originals)
-    for name, affinity in selected.items():
+    for name, (affinity, concept_map) in selected.items():
         if flux:
-            processors[name] = FluxCaptureProcessor(store, originals[name], affinity)
+            processors[name] = FluxCaptureProcessor(store, originals[name], affinity, concept_map)
         else:
             processors[name] = JointCaptureProcessor(store, affinity)
 
     def begin_call(module, args, kwargs):
         store.begin_call(kwargs["timestep"], *_grid(module, args, kwargs))
+        if store.stream is not None and store.active:
+            store.stream.start(module)
 
-    hook = model.register_forward_pre_hook(begin_call, with_kwargs=True)
+    def before_block(block, args, kwargs):
+        if store.active:
+            store.stream.before_block(block, kwargs["temb"])
+
+    def after_block(block, args, output):
+        if store.active:
+            store.stream.after_block(block)
+
+    hooks = [model.register_forward_pre_hook(begin_call, with_kwargs=True)]
+    if store.stream is not None:
+        streamed = {int(name.split(".")[1]) for name in selected if name.startswith("transformer_")}
+        for index in sorted(streamed):
+            block = model.transformer_blocks[index]
+            hooks.append(block.register_forward_pre_hook(before_block, with_kwargs=True))
+            hooks.append(block.register_forward_hook(after_block))
     try:
         model.set_attn_processor(processors)
         yield Capture(store, {name: 1 for name in selected})
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         # set_attn_processor consumes the dict it is given
         model.set_attn_processor(dict(originals))

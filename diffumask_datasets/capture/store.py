@@ -44,6 +44,11 @@ class CaptureOptions:
         [uncond, cond]; only the conditional half is read.
     affinity_blocks: MMDiT only: indices of the joint (double-stream) blocks whose
         image-to-image attention makes the affinity; None: the middle third.
+    map_kind: "cross" (attention of image tokens to the class tokens) or, FLUX.1 only,
+        "concept" (ConceptAttention: class and background concepts as an extra stream,
+        maps from the attention-output space; see capture.mmdit).
+    concept_blocks: FLUX.1, map_kind "concept": the double-stream blocks whose maps are
+        averaged; None: the second half.
     """
 
     cross_factors: tuple[int, ...] | None = None
@@ -51,6 +56,8 @@ class CaptureOptions:
     affinity_factor: int | None = None
     conditional_half: bool = True
     affinity_blocks: tuple[int, ...] | None = None
+    map_kind: str = "cross"
+    concept_blocks: tuple[int, ...] | None = None
 
 
 @dataclass

@@ -197,9 +197,16 @@ def default_affinity_factor(unet) -> int:
 
 
 @contextlib.contextmanager
-def trace(unet, tokens: Sequence[Sequence[int]], options: CaptureOptions) -> Iterator[Capture]:
+def trace(
+    unet, tokens: Sequence[Sequence[int]], options: CaptureOptions, concepts=None
+) -> Iterator[Capture]:
     """Capture the attention of every call of `unet` made inside the block; its original
     processors come back on exit, on error too."""
+    if options.map_kind != "cross":
+        raise DiffuMaskError(
+            f"map_kind={options.map_kind!r} needs a FLUX.1 transformer; "
+            f"{type(unet).__name__} gives map_kind='cross'"
+        )
     originals = dict(unet.attn_processors)
     selected = _select_layers(unet, options)
     for name in selected:
