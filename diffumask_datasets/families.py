@@ -220,10 +220,10 @@ class FluxFamily(SD3Family):
 
 def family_of(pipe) -> UNetFamily:
     """The family of a pipeline, by its denoiser; one the engine cannot run is refused."""
-    from .capture import _family
+    from .capture import _family, denoiser
 
-    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if model is None:
+    model = denoiser(pipe)
+    if model is pipe:
         raise DiffuMaskError(
             f"pipeline {type(pipe).__name__} has neither a unet nor a transformer; use a "
             "text-to-image pipeline (SD 1.x, 2.x, SDXL, SD3, SD3.5, FLUX.1)"
