@@ -83,18 +83,19 @@ def reference_joint(attn, hidden, context, rotary, image_first: bool):
 
 
 @pytest.mark.parametrize("kernel", ["cpu-log-sum-exp", "generic"])
-@pytest.mark.parametrize("block", ["joint", "single"])
+@pytest.mark.parametrize(
+    "name, block",
+    [(FAMILIES[0], "joint"), (FAMILIES[1], "joint"), (FAMILIES[1], "single")],
+)
 def test_probabilities_equal_a_reference_softmax_over_the_joint_row(
-    pipe, kernel, block, monkeypatch
+    name, block, kernel, monkeypatch
 ):
     """The kept probabilities are those of the whole joint row (text and image keys, RoPE
-    on FLUX.1), in both the double- and the single-stream blocks."""
+    on FLUX.1), in the joint (double-stream) and FLUX.1's single-stream blocks."""
     if kernel == "generic":
         monkeypatch.setattr("diffumask_datasets.capture.store._CPU_FLASH", None)
-    model = pipe.transformer
+    model = load_pipeline(name).transformer
     flux = isinstance(model, capture_mmdit.FluxTransformer2DModel)
-    if block == "single" and not flux:
-        pytest.skip("SD3 has joint blocks only")
     kept = []
     real = capture_mmdit.attend_keeping_columns
     monkeypatch.setattr(
