@@ -37,6 +37,8 @@ PAPER = "https://arxiv.org/abs/2303.11681"
 MODEL_LICENSES = {
     "builtin:tiny-random": "apache-2.0",
     "builtin:tiny-random-xl": "apache-2.0",
+    "builtin:tiny-random-sd3": "apache-2.0",
+    "builtin:tiny-random-flux": "apache-2.0",
     "builtin:shapes": "apache-2.0",
     "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
     "CompVis/stable-diffusion-v1-5": "creativeml-openrail-m",

@@ -214,7 +214,8 @@ the same samples come out, whatever the batch size and however often it is resum
 @click.option(
     "--model",
     help="Hub id, local diffusers folder or builtin:tiny-random | builtin:tiny-random-xl | "
-    "builtin:shapes. Default: the definition's.",
+    "builtin:tiny-random-sd3 | builtin:tiny-random-flux | builtin:shapes. Default: the "
+    "definition's.",
 )
 @click.option(
     "--classes",

@@ -10,10 +10,10 @@ import numpy as np
 
 from .capture import CaptureOptions, default_affinity_factor, trace
 from .errors import DiffuMaskError
+from .families import family_of
 from .models import load_pipeline, model_name
 from .refine import Refinement, refine
 from .sample import Sample
-from .tokens import class_token_indices
 
 
 def sample_seed(base: int, index: int) -> int:
@@ -81,13 +81,16 @@ class DiffuMask:
                 dtype = "float16"
         self.pipe = load_pipeline(model, device=device, dtype=dtype)
         self.pipe.set_progress_bar_config(disable=True)
+        self.family = family_of(self.pipe)  # UNet, SD3 or FLUX.1: sizes, noise, call
 
     @property
     def latent_scale(self) -> int:
-        return int(getattr(self.pipe, "vae_scale_factor", 8))
+        """Image sides are multiples of this (SD3 and FLUX.1: the latent scale times
+        their 2x2 patches)."""
+        return self.family.size_step
 
     def default_size(self) -> int:
-        return int(self.pipe.unet.config.sample_size) * self.latent_scale
+        return self.family.default_size()
 
     def __call__(
         self,
@@ -104,7 +107,13 @@ class DiffuMask:
         synonyms: Mapping[str, Sequence[str]] | None = None,
         refinement: Refinement | Mapping[str, Any] | str | None = None,
         progress: bool = False,
+        true_cfg_scale: float = 1.0,
+        map_kind: str = "cross",
     ) -> list[Sample]:
+        """true_cfg_scale: FLUX.1 only (guidance-distilled): above 1, with a negative
+        prompt, the negative runs as a second pass and the two are mixed.
+        map_kind: "cross" (attention to the class tokens) or, FLUX.1 only, "concept"
+        (ConceptAttention; recorded in each sample's meta)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise DiffuMaskError("no prompts given")
@@ -132,18 +141,18 @@ class DiffuMask:
                     )
         # Every prompt's class tokens are found before anything is generated, so a
         # misspelt class fails in a second, not after an hour of sampling.
-        tokenizer = self.pipe.tokenizer
         token_indices = [
-            class_token_indices(tokenizer, p, names, synonyms)
+            self.family.token_positions(p, names, synonyms)
             for p, names in zip(prompts, class_lists, strict=True)
         ]
         options = CaptureOptions(
             cross_factors=params.cross_factors,
             steps=params.steps,
-            affinity_factor=(params.affinity_factor or default_affinity_factor(self.pipe.unet))
+            affinity_factor=(params.affinity_factor or default_affinity_factor(self.pipe))
             if params.needs_affinity
             else None,
-            conditional_half=guidance_scale > 1,
+            conditional_half=self.family.conditional_half(guidance_scale),
+            map_kind=map_kind,
         )
         settings = {
             "negative_prompt": negative_prompt,
@@ -152,6 +161,11 @@ class DiffuMask:
             "height": height,
             "width": width,
         }
+        if true_cfg_scale != 1.0:
+            settings["true_cfg_scale"] = float(true_cfg_scale)
+        if map_kind != "cross":
+            settings["map_kind"] = map_kind
+        self.family.check(settings)
         samples: list[Sample] = []
         bar = None
         if progress:
@@ -170,30 +184,15 @@ class DiffuMask:
         return samples
 
     def _latents(self, seeds: Sequence[int], height: int, width: int):
-        import torch
-
-        unet = self.pipe.unet
-        shape = (unet.config.in_channels, height // self.latent_scale, width // self.latent_scale)
-        # Drawn on the CPU one sample at a time: a sample's noise depends on its seed
-        # alone, not on its batch or the device.
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        return torch.stack(noise).to(device=unet.device, dtype=unet.dtype)
+        # drawn on the CPU per sample from its own seed (see families)
+        return self.family.latents(seeds, height, width)
 
     def _batch(self, prompts, token_indices, seeds, class_ids, options, params, settings):
         tokens = [sorted({p for positions in t.values() for p in positions}) for t in token_indices]
         latents = self._latents(seeds, settings["height"], settings["width"])
-        negative = settings["negative_prompt"]
-        with trace(self.pipe, tokens, options) as cap:
-            images = self.pipe(
-                prompt=list(prompts),
-                negative_prompt=[negative] * len(prompts) if negative else None,
-                num_inference_steps=settings["num_inference_steps"],
-                guidance_scale=settings["guidance_scale"],
-                height=settings["height"],
-                width=settings["width"],
-                latents=latents,
-                output_type="pil",
-            ).images
+        concepts = self.family.concepts(token_indices, tokens) if "map_kind" in settings else None
+        with trace(self.pipe, tokens, options, concepts) as cap:
+            images = self.pipe(**self.family.call_arguments(prompts, latents, settings)).images
         captured = cap.result()
         samples = []
         for i, (prompt, seed, positions) in enumerate(

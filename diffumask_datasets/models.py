@@ -1,8 +1,9 @@
 """Resolve a model spec to a diffusers pipeline: built-in aliases, hub ids, folders, objects.
 
 The built-in tiny models are built offline from configs with seeded random weights, so
-every code path of the engine (sub-word tokens, SD 1.x and SDXL UNets) runs with no
-download. They draw noise; `builtin:shapes` is the trained model that draws something.
+every code path of the engine (sub-word tokens, SD 1.x and SDXL UNets, the SD3 and FLUX.1
+transformers with T5) runs with no download. They draw noise; `builtin:shapes` is the
+trained model that draws something.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .resources import PACKAGE_DIR, data_file
 
 SHAPES_WEIGHTS = PACKAGE_DIR / "weights" / "shapes"
 MAX_TOKENS = 77  # CLIP's context length, as in Stable Diffusion
+T5_MAX_TOKENS = 512  # T5's context length in FLUX.1 (SD3 reads 256 by default)
+T5_MERGES = 16_000  # CLIP merges whose words become T5 pieces: ~27k pieces, T5 has 32k
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -40,9 +43,7 @@ def clip_tokenizer():
     the package, so class words split into the same sub-word pieces as on Stable Diffusion."""
     from transformers import CLIPTokenizer
 
-    with gzip.open(data_file("bpe_simple_vocab_16e6.txt.gz"), "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    merges = _clip_merges()
     symbols = list(_bytes_to_unicode().values())
     symbols += [s + "</w>" for s in symbols]
     symbols += ["".join(m) for m in merges]
@@ -57,6 +58,56 @@ def clip_tokenizer():
         unk_token="<|endoftext|>",
         pad_token="<|endoftext|>",
     )
+
+
+def _clip_merges() -> list[tuple[str, str]]:
+    with gzip.open(data_file("bpe_simple_vocab_16e6.txt.gz"), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    return [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+
+
+@functools.cache
+def t5_tokenizer():
+    """An in-memory T5 (sentencepiece Unigram) tokenizer, no file needed: the pieces are
+    the words of CLIP's most frequent BPE merges, each both word-initial ("▁plane") and
+    inside a word ("plane"), scored by merge rank; single characters cover the rest. So, as
+    with T5's real vocabulary, common words are one piece and others split into sub-words
+    ("aeroplane" -> "▁aero" + "plane", "sparrow" -> "▁spar" + "row"), with offsets.
+
+    (T5Tokenizer(vocab_file=...) would silently ignore the file and give <unk>s.)
+    """
+    from transformers import T5TokenizerFast
+
+    scores: dict[str, float] = {}
+    merges = _clip_merges()[:T5_MERGES]
+    for rank, (left, right) in enumerate(merges):
+        word = (left + right).removesuffix("</w>")
+        score = -5.0 - 5.0 * rank / len(merges)
+        for piece, penalty in (("▁" + word, 0.0), (word, 1.0)):
+            scores[piece] = max(scores.get(piece, -1e9), score - penalty)
+    for char in map(chr, range(33, 127)):
+        for piece in ("▁" + char, char):
+            scores.setdefault(piece, -12.0)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_TOKENS)
+
+
+def _tiny_t5(seed: int, width: int):
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(t5_tokenizer()),
+        d_model=width,
+        d_ff=37,
+        d_kv=8,
+        num_heads=4,
+        num_layers=2,
+        relative_attention_num_buckets=8,
+    )
+    return T5EncoderModel(config).eval()
 
 
 def _tiny_text_encoder(seed: int, projection: bool = False):
@@ -80,7 +131,9 @@ def _tiny_text_encoder(seed: int, projection: bool = False):
     return model.eval()
 
 
-def _tiny_vae(seed: int):
+def _tiny_vae(seed: int, **flow):
+    """flow: the settings of the SD3 / FLUX.1 autoencoders (no quantisation convolutions,
+    a shift and a scale of the latents)."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -96,7 +149,16 @@ def _tiny_vae(seed: int):
         latent_channels=4,
         norm_num_groups=4,
         layers_per_block=1,
+        **flow,
     ).eval()
+
+
+FLOW_VAE = {
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "shift_factor": 0.0609,
+    "scaling_factor": 1.5035,
+}
 
 
 def _scheduler():
@@ -176,6 +238,75 @@ def _tiny_sdxl():
     )
 
 
+def _tiny_sd3():
+    """SD3's architecture, tiny: a joint-attention transformer (patch 2, two blocks, the
+    last text-pre-only), two CLIP encoders with projections and T5."""
+    import torch
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,  # latent side: 128 px by default, 8x8 image tokens
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,  # T5's width; the two CLIPs' 32 + 32 are padded to it
+        pooled_projection_dim=64,  # the two CLIP projections, concatenated
+        out_channels=4,
+        pos_embed_max_size=32,
+    ).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(1, **FLOW_VAE),
+        text_encoder=_tiny_text_encoder(2, projection=True),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_tiny_text_encoder(3, projection=True),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_tiny_t5(4, width=64),
+        tokenizer_3=t5_tokenizer(),
+    )
+
+
+def _tiny_flux():
+    """FLUX.1-dev's architecture, tiny: guidance-distilled, two double-stream and two
+    single-stream blocks with RoPE, latents packed 2x2, CLIP (pooled) and T5."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x 2x2 packing
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,  # T5's width
+        pooled_projection_dim=32,  # CLIP's width
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),  # sums to the head dimension
+    ).eval()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+        vae=_tiny_vae(1, **FLOW_VAE),
+        text_encoder=_tiny_text_encoder(2),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_tiny_t5(4, width=64),
+        tokenizer_2=t5_tokenizer(),
+        transformer=transformer,
+    )
+    pipe.default_sample_size = 16  # 128 px by default, 8x8 image tokens
+    return pipe
+
+
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
     """diffusers' and transformers' loading bars and advice (install accelerate,
@@ -216,6 +347,8 @@ def _shapes():
 BUILTINS: dict[str, Callable[[], Any]] = {
     "builtin:tiny-random": _tiny_sd,
     "builtin:tiny-random-xl": _tiny_sdxl,
+    "builtin:tiny-random-sd3": _tiny_sd3,
+    "builtin:tiny-random-flux": _tiny_flux,
     "builtin:shapes": _shapes,
 }
 
@@ -277,11 +410,12 @@ def load_pipeline(spec: Any = "builtin:tiny-random", device: str | None = None, 
             pipe = _make_builtin(spec) if moved else _builtin(spec)
         else:
             pipe = _from_pretrained(spec, dtype)
-    elif hasattr(spec, "unet") and hasattr(spec, "tokenizer"):
+    elif (hasattr(spec, "unet") or hasattr(spec, "transformer")) and hasattr(spec, "tokenizer"):
         pipe = spec
     else:
         raise DiffuMaskError(
-            f"model {type(spec).__name__!r} is not a diffusers UNet pipeline; pass a built-in "
+            f"model {type(spec).__name__!r} is not a diffusers text-to-image pipeline (a UNet "
+            "or an MMDiT transformer with its tokenizers); pass a built-in "
             f"alias ({', '.join(BUILTINS)}), a hub id, a local folder or a pipeline object"
         )
     if device is not None or dtype is not None:

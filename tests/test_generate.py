@@ -125,7 +125,7 @@ def test_pipeline_object_is_used_as_is(tiny):
 
 
 def test_not_a_pipeline():
-    with pytest.raises(DiffuMaskError, match=r"'int' is not a diffusers UNet pipeline"):
+    with pytest.raises(DiffuMaskError, match=r"'int' is not a diffusers text-to-image pipeline"):
         load_pipeline(3)
 
 

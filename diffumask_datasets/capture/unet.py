@@ -1,15 +1,10 @@
-"""Capture a diffusers UNet's attention while it denoises.
+"""Capture a diffusers UNet's attention while it denoises (SD 1.x, 2.x, SDXL).
 
 Cross-attention processors compute the output exactly as diffusers' AttnProcessor2_0
 does and, beside it, the attention probabilities of the conditional half of the guidance
 batch for the requested token columns only (float32), added into one running sum per
 resolution. Nothing is kept per step. Self-attention stays on the original processor
 except at the one resolution where an affinity matrix is asked for.
-
-    with trace(pipe, tokens=[[5, 6]]) as cap:
-        pipe("a photo of a sparrow bird", ...)
-    cap.result().cross   # {(h, w): float32 [prompts, tokens, h, w]}, mean over heads,
-                         # layers and steps
 """
 
 from __future__ import annotations
@@ -17,65 +12,18 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from .errors import DiffuMaskError
+from ..errors import DiffuMaskError
+from .store import Capture, CaptureOptions, Store, attend_keeping_columns, mean_attention
 
 # Processors whose computation CaptureProcessor reproduces exactly. Anything else
 # (xformers, sliced, custom) is refused rather than silently capturing nothing.
 WRAPPABLE = (AttnProcessor, AttnProcessor2_0)
 DEFAULT_MAX_FACTOR = 4  # cross maps at latent/1, /2, /4: 64, 32, 16 for SD at 512 px
-# The CPU kernel of scaled_dot_product_attention, which also returns the log-sum-exp.
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _scale(query: torch.Tensor) -> float:
-    # scaled_dot_product_attention's default, which the plain processor relies on
-    return query.shape[-1] ** -0.5
-
-
-@dataclass(frozen=True)
-class CaptureOptions:
-    """What to keep.
-
-    cross_factors: downsampling factors, relative to the latent, of the cross-attention
-        maps to keep (SD at 512 px: 1 -> 64x64, 2 -> 32x32, 4 -> 16x16, 8 -> 8x8).
-        None keeps every factor up to 4.
-    steps: (start, stop) denoising-step indices to accumulate, stop exclusive; None: all.
-    affinity_factor: the factor at which to keep self-attention as an affinity matrix
-        (heads, layers and steps averaged); None keeps none.
-    conditional_half: with classifier-free guidance the UNet batch is [uncond, cond];
-        only the conditional half is read.
-    """
-
-    cross_factors: tuple[int, ...] | None = None
-    steps: tuple[int, int] | None = None
-    affinity_factor: int | None = None
-    conditional_half: bool = True
-
-
-@dataclass
-class Captured:
-    """Averaged maps, on the CPU as numpy arrays."""
-
-    cross: dict[tuple[int, int], np.ndarray]  # (h, w) -> [prompts, columns, h, w]
-    tokens: list[list[int]]  # per prompt, the token position of each column
-    affinity: np.ndarray | None = None  # [prompts, h*w, h*w], rows sum to 1
-    affinity_size: tuple[int, int] | None = None
-    steps: int = 0
-    layers: dict[tuple[int, int], int] = field(default_factory=dict)
-
-    def token_maps(
-        self, prompt: int, positions: Sequence[int]
-    ) -> dict[tuple[int, int], np.ndarray]:
-        """{(h, w): mean map of the given token positions} for one prompt."""
-        columns = [self.tokens[prompt].index(p) for p in positions]
-        return {size: maps[prompt, columns].mean(axis=0) for size, maps in self.cross.items()}
 
 
 def layer_factors(unet) -> dict[str, int]:
@@ -103,35 +51,16 @@ def cross_attention_layers(unet) -> set[str]:
     }
 
 
-class _Store:
-    """Running sums shared by all processors of one capture."""
+class _Store(Store):
+    """The shared running sums, placed on the UNet's resolutions."""
 
     def __init__(self, tokens: Sequence[Sequence[int]], options: CaptureOptions):
-        if not tokens or any(len(t) == 0 for t in tokens):
-            raise DiffuMaskError("capture needs at least one token position for every prompt")
-        self.options = options
-        self.tokens = [list(t) for t in tokens]
-        width = max(len(t) for t in tokens)
-        # Pad with the first column: gathered, then never read.
-        padded = [t + [t[0]] * (width - len(t)) for t in self.tokens]
-        self.columns = torch.tensor(padded, dtype=torch.long)  # [prompts, width]
-        self.step = -1
+        super().__init__(tokens, options)
         self.latent_size: tuple[int, int] | None = None
-        self.cross: dict[tuple[int, int], torch.Tensor] = {}
-        self.cross_adds: dict[tuple[int, int], int] = {}
-        self.affinity: torch.Tensor | None = None
-        self.affinity_size: tuple[int, int] | None = None
-        self.affinity_adds = 0
-        self.steps_seen: set[int] = set()
 
     def begin_step(self, sample: torch.Tensor) -> None:
         self.step += 1
         self.latent_size = tuple(sample.shape[-2:])
-
-    @property
-    def active(self) -> bool:
-        steps = self.options.steps
-        return steps is None or steps[0] <= self.step < steps[1]
 
     def map_size(self, queries: int) -> tuple[int, int]:
         # Each UNet downsampling halves a side, rounding up (stride-2 conv, padding 1).
@@ -144,95 +73,20 @@ class _Store:
             factor *= 2
         raise DiffuMaskError(f"cannot place {queries} attention queries on a {h}x{w} latent")
 
-    def _split(self, batch: int) -> int:
-        """Where the conditional rows of the UNet batch start."""
-        prompts = len(self.tokens)
-        if self.options.conditional_half:
-            if batch != 2 * prompts:
-                raise DiffuMaskError(
-                    f"the UNet batch has {batch} rows, not 2 x {prompts} prompts; with "
-                    "guidance_scale <= 1 there is no unconditional half: capture with "
-                    "conditional_half=False"
-                )
-            return prompts
-        if batch != prompts:
-            raise DiffuMaskError(
-                f"the UNet batch has {batch} rows but {prompts} prompts were given"
-            )
-        return 0
-
     def attend(self, query, key, value, mask, cross: bool) -> torch.Tensor:
         """The attention output of the whole batch, exactly as the plain processor gives
         it, keeping what is asked of the conditional rows."""
-        split = self._split(query.shape[0])
-        if cross and mask is None and query.device.type == "cpu" and _CPU_FLASH is not None:
-            # The CPU kernel behind scaled_dot_product_attention also returns each query's
-            # log-sum-exp over the keys: the kept columns' probabilities then cost one
-            # (queries x kept columns) product, not a second pass over all the keys.
-            out, lse = _CPU_FLASH(query, key, value, 0.0, False)
-            columns = self._gather_keys(key[split:])  # [P, heads, kept, dim]
-            logits = torch.matmul(query[split:].float(), columns.float().mT * _scale(query))
-            self._add_cross(torch.exp(logits - lse[split:, ..., None].float()))
+        split = self.split(query.shape[0])
+        if cross:
+            out, picked = attend_keeping_columns(query, key, value, split, self.columns, mask=mask)
+            self.add_cross(picked.mean(dim=1), self.map_size(picked.shape[2]))
             return out
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-        # float32 whatever the pipeline's dtype: fp16 loses the small probabilities that
-        # make up most of an object's map
-        scores = torch.matmul(query[split:].float() * _scale(query), key[split:].float().mT)
-        if mask is not None:
-            scores = scores + mask[split:].float()
-        probs = scores.softmax(dim=-1)  # [P, heads, Q, keys]
-        if cross:
-            index = self.columns.to(probs.device)[:, None, None, :]
-            self._add_cross(probs.gather(-1, index.expand(*probs.shape[:3], index.shape[-1])))
-        else:
-            self._add_self(probs)
+        if mask is not None and mask.shape[0] > 1:
+            mask = mask[split:]
+        probs = mean_attention(query[split:], key[split:], mask)  # [P, Q, Q]
+        self.add_affinity(probs, self.map_size(probs.shape[1]))
         return out
-
-    def _gather_keys(self, key: torch.Tensor) -> torch.Tensor:
-        index = self.columns.to(key.device)[:, None, :, None]  # [P, 1, kept, 1]
-        return key.gather(2, index.expand(key.shape[0], key.shape[1], index.shape[2], key.shape[3]))
-
-    def _add_cross(self, picked: torch.Tensor) -> None:
-        """Add the kept columns' probabilities [P, heads, Q, kept], averaged over heads."""
-        picked = picked.mean(dim=1)  # [P, Q, kept]
-        size = self.map_size(picked.shape[1])
-        if size in self.cross:
-            self.cross[size] += picked
-        else:
-            self.cross[size] = picked
-        self.cross_adds[size] = self.cross_adds.get(size, 0) + 1
-        self.steps_seen.add(self.step)
-
-    def _add_self(self, probs: torch.Tensor) -> None:
-        probs = probs.mean(dim=1)  # [P, Q, Q]
-        self.affinity = probs if self.affinity is None else self.affinity + probs
-        self.affinity_size = self.map_size(probs.shape[1])
-        self.affinity_adds += 1
-
-    def result(self) -> Captured:
-        if not self.cross:
-            raise DiffuMaskError(
-                "no cross-attention was captured: the pipeline never ran inside the capture, "
-                "or the step range or factors selected nothing"
-            )
-        cross = {}
-        layers = {}
-        steps = max(len(self.steps_seen), 1)
-        for size, total in self.cross.items():
-            mean = (total / self.cross_adds[size]).transpose(1, 2)  # [P, cols, Q]
-            cross[size] = mean.reshape(*mean.shape[:2], *size).cpu().numpy()
-            layers[size] = self.cross_adds[size] // steps
-        affinity = None
-        if self.affinity is not None:
-            affinity = (self.affinity / self.affinity_adds).cpu().numpy()
-        return Captured(
-            cross=cross,
-            tokens=self.tokens,
-            affinity=affinity,
-            affinity_size=self.affinity_size,
-            steps=len(self.steps_seen),
-            layers=layers,
-        )
 
 
 class CaptureProcessor:
@@ -301,17 +155,6 @@ class CaptureProcessor:
         return out / attn.rescale_output_factor
 
 
-class Capture:
-    """A live capture; `result()` gives the averaged maps once the pipeline has run."""
-
-    def __init__(self, store: _Store, wrapped: dict[str, int]):
-        self._store = store
-        self.wrapped = wrapped  # processor name -> factor, the layers being captured
-
-    def result(self) -> Captured:
-        return self._store.result()
-
-
 def _select_layers(unet, options: CaptureOptions) -> dict[str, tuple[int, bool]]:
     """{processor name: (factor, is cross)} of the layers to wrap, checked against what
     the UNet has."""
@@ -355,16 +198,15 @@ def default_affinity_factor(unet) -> int:
 
 @contextlib.contextmanager
 def trace(
-    pipe_or_unet, tokens: Sequence[Sequence[int]], options: CaptureOptions | None = None
+    unet, tokens: Sequence[Sequence[int]], options: CaptureOptions, concepts=None
 ) -> Iterator[Capture]:
-    """Capture attention of every pipeline call made inside the block.
-
-    tokens: for each prompt of the (one) pipeline call, the text-token positions whose
-    cross-attention maps to keep (see tokens.find_class_tokens). The UNet's original
-    processors come back on exit, on error too.
-    """
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    options = options or CaptureOptions()
+    """Capture the attention of every call of `unet` made inside the block; its original
+    processors come back on exit, on error too."""
+    if options.map_kind != "cross":
+        raise DiffuMaskError(
+            f"map_kind={options.map_kind!r} needs a FLUX.1 transformer; "
+            f"{type(unet).__name__} gives map_kind='cross'"
+        )
     originals = dict(unet.attn_processors)
     selected = _select_layers(unet, options)
     for name in selected:

@@ -1,0 +1,359 @@
+"""Capture of MMDiT transformers (SD3, SD3.5, FLUX.1) on the tiny built-ins."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffumask_datasets import DiffuMask
+from diffumask_datasets.capture import CaptureOptions, trace
+from diffumask_datasets.capture import mmdit as capture_mmdit
+from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.families import family_of
+from diffumask_datasets.models import load_pipeline
+
+FAMILIES = ["builtin:tiny-random-sd3", "builtin:tiny-random-flux"]
+PROMPTS = ["a photo of an aeroplane", "a dog on the grass"]
+CLASSES = ["aeroplane", "dog"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pipe(request):
+    pipe = load_pipeline(request.param)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tokens(pipe, prompts=PROMPTS, classes=CLASSES):
+    family = family_of(pipe)
+    return [family.token_positions(p, [c], None)[c] for p, c in zip(prompts, classes, strict=True)]
+
+
+def run(pipe, prompts=PROMPTS, seeds=(1, 2), **kwargs):
+    latents = family_of(pipe).latents(list(seeds), 64, 64)
+    kwargs = {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np", **kwargs}
+    return pipe(prompt=list(prompts), latents=latents, guidance_scale=4.0, **kwargs).images
+
+
+def options(pipe, **kwargs):
+    return CaptureOptions(conditional_half=family_of(pipe).conditional_half(4.0), **kwargs)
+
+
+@pytest.mark.parametrize("kernel", ["cpu-log-sum-exp", "generic"])
+def test_capture_does_not_change_the_image(pipe, kernel, monkeypatch):
+    if kernel == "generic":  # the path of GPUs, masks and other attention backends
+        monkeypatch.setattr("diffumask_datasets.capture.store._CPU_FLASH", None)
+    plain = run(pipe)
+    with trace(pipe, tokens(pipe), options(pipe, affinity_factor=1)) as cap:
+        captured = run(pipe)
+    assert np.abs(plain - captured).max() == 0
+    result = cap.result()
+    assert result.steps == 2
+    layers = 2 if isinstance(pipe.transformer, capture_mmdit.SD3Transformer2DModel) else 4
+    assert result.layers == {(4, 4): layers}  # every layer that attends to the text
+    maps = result.cross[(4, 4)]
+    assert maps.shape == (2, 4, 4, 4) or maps.shape == (2, 2, 4, 4)
+    # per-token spatial normalisation: each kept token's map is a distribution over the image
+    np.testing.assert_allclose(maps.sum(axis=(-1, -2)), 1.0, rtol=1e-5)
+    assert result.affinity.shape == (2, 16, 16) and result.affinity_size == (4, 4)
+    np.testing.assert_allclose(result.affinity.sum(axis=-1), 1.0, rtol=1e-5)
+
+
+def reference_joint(attn, hidden, context, rotary, image_first: bool):
+    """softmax(QK^T / sqrt(d)) of the whole joint sequence, from the module's projections
+    (with RoPE for FLUX.1): [batch, heads, sequence, sequence], and the image slice."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    def heads(x):
+        return x.unflatten(-1, (attn.heads, -1))
+
+    q, k = heads(attn.to_q(hidden)), heads(attn.to_k(hidden))
+    if attn.norm_q is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    if context is not None:
+        cq, ck = heads(attn.add_q_proj(context)), heads(attn.add_k_proj(context))
+        if attn.norm_added_q is not None:
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        q = torch.cat([q, cq] if image_first else [cq, q], dim=1)
+        k = torch.cat([k, ck] if image_first else [ck, k], dim=1)
+    if rotary is not None:
+        q = apply_rotary_emb(q, rotary, sequence_dim=1)
+        k = apply_rotary_emb(k, rotary, sequence_dim=1)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    return torch.softmax(q @ k.mT * q.shape[-1] ** -0.5, dim=-1)
+
+
+@pytest.mark.parametrize("kernel", ["cpu-log-sum-exp", "generic"])
+@pytest.mark.parametrize(
+    "name, block",
+    [(FAMILIES[0], "joint"), (FAMILIES[1], "joint"), (FAMILIES[1], "single")],
+)
+def test_probabilities_equal_a_reference_softmax_over_the_joint_row(
+    name, block, kernel, monkeypatch
+):
+    """The kept probabilities are those of the whole joint row (text and image keys, RoPE
+    on FLUX.1), in the joint (double-stream) and FLUX.1's single-stream blocks."""
+    if kernel == "generic":
+        monkeypatch.setattr("diffumask_datasets.capture.store._CPU_FLASH", None)
+    model = load_pipeline(name).transformer
+    flux = isinstance(model, capture_mmdit.FluxTransformer2DModel)
+    kept = []
+    real = capture_mmdit.attend_keeping_columns
+    monkeypatch.setattr(
+        capture_mmdit,
+        "attend_keeping_columns",
+        lambda *a, **k: kept.append(real(*a, **k)) or kept[-1],
+    )
+    torch.manual_seed(0)
+    prompts, images, text = 2, 16, 12
+    columns = [[1, 3], [7]]
+    store = capture_mmdit._Store(columns, CaptureOptions(conditional_half=not flux), "test")
+    store.begin_call(torch.tensor([500.0]), (4, 4), text)
+    rows = prompts if flux else 2 * prompts
+    rotary = None
+    if flux:
+        ids = torch.cat([torch.zeros(text, 3), torch.rand(images, 3) * 4])
+        rotary = model.pos_embed(ids)
+    if block == "joint":
+        attn = model.transformer_blocks[0].attn
+        hidden = torch.randn(rows, images, attn.query_dim)
+        context = torch.randn(rows, text, attn.added_kv_proj_dim)
+        processor = (
+            capture_mmdit.FluxCaptureProcessor(
+                store, model.attn_processors["transformer_blocks.0.attn.processor"], False
+            )
+            if flux
+            else capture_mmdit.JointCaptureProcessor(store, False)
+        )
+        with torch.no_grad():
+            processor(attn, hidden, context, image_rotary_emb=rotary) if flux else processor(
+                attn, hidden, context
+            )
+            probs = reference_joint(attn, hidden, context, rotary, image_first=not flux)
+    else:
+        attn = model.single_transformer_blocks[0].attn
+        hidden = torch.randn(rows, text + images, attn.query_dim)
+        processor = capture_mmdit.FluxCaptureProcessor(
+            store, model.attn_processors["single_transformer_blocks.0.attn.processor"], False
+        )
+        with torch.no_grad():
+            processor(attn, hidden, image_rotary_emb=rotary)
+            probs = reference_joint(attn, hidden, None, rotary, image_first=False)
+    ((_, got),) = kept  # [P, heads, image queries, kept columns]
+    image = slice(0, images) if not flux else slice(text, None)
+    offset = images if not flux else 0
+    conditional = probs[rows - prompts :]
+    for p, cols in enumerate(columns):
+        for c, token in enumerate(cols):
+            expected = conditional[p, :, image, offset + token]
+            torch.testing.assert_close(got[p, :, :, c], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_flux_negative_pass_is_not_read():
+    """With true_cfg_scale > 1 FLUX.1 runs the negative prompt as a second call per step;
+    the maps of the first step are those of the positive pass alone."""
+    pipe = load_pipeline("builtin:tiny-random-flux")
+    pipe.set_progress_bar_config(disable=True)
+    first_step = CaptureOptions(conditional_half=False, steps=(0, 1))
+    with trace(pipe, tokens(pipe), first_step) as alone:
+        run(pipe)
+    with trace(pipe, tokens(pipe), CaptureOptions(conditional_half=False)) as both:
+        run(pipe, negative_prompt=["a cat", "a cat"], true_cfg_scale=3.0)
+    with trace(pipe, tokens(pipe), first_step) as both_first:
+        run(pipe, negative_prompt=["a cat", "a cat"], true_cfg_scale=3.0)
+    assert both.result().steps == 2 and both.result().layers == {(4, 4): 4}
+    np.testing.assert_array_equal(both_first.result().cross[(4, 4)], alone.result().cross[(4, 4)])
+
+
+def test_sd35_dual_attention_and_qk_norm():
+    """SD3.5: image-only `attn2` layers keep their processor; RMS-normed q and k."""
+    from diffusers import SD3Transformer2DModel
+
+    tiny = load_pipeline("builtin:tiny-random-sd3")
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        **{**tiny.transformer.config, "dual_attention_layers": (0,), "qk_norm": "rms_norm"}
+    ).eval()
+    pipe = type(tiny)(**{**tiny.components, "transformer": model})
+    pipe.set_progress_bar_config(disable=True)
+    assert "transformer_blocks.0.attn2.processor" in model.attn_processors
+    plain = run(pipe)
+    with trace(pipe, tokens(pipe), options(pipe, affinity_factor=1)) as cap:
+        captured = run(pipe)
+        assert type(model.attn_processors["transformer_blocks.0.attn2.processor"]).__name__ == (
+            "JointAttnProcessor2_0"
+        )
+    assert np.abs(plain - captured).max() == 0
+    assert cap.result().layers == {(4, 4): 2}
+
+
+def test_unreadable_processor_and_options_are_refused(pipe):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    model = pipe.transformer
+    name = "transformer_blocks.0.attn.processor"
+    originals = dict(model.attn_processors)
+    model.set_attn_processor({**originals, name: AttnProcessor2_0()})
+    try:
+        with pytest.raises(DiffuMaskError, match=rf"{name}.*AttnProcessor2_0.*cannot reproduce"):
+            with trace(pipe, tokens(pipe)):
+                pass
+    finally:
+        model.set_attn_processor(dict(originals))
+    with pytest.raises(DiffuMaskError, match=r"cross_factors=\[2\].*one resolution"):
+        with trace(pipe, tokens(pipe), CaptureOptions(cross_factors=(2,))):
+            pass
+    with pytest.raises(DiffuMaskError, match=r"affinity_blocks=\[9\].*joint blocks 0\.\.1"):
+        with trace(pipe, tokens(pipe), CaptureOptions(affinity_factor=1, affinity_blocks=(9,))):
+            pass
+    assert dict(model.attn_processors) == originals and not model._forward_pre_hooks
+
+
+def test_unknown_denoiser_is_refused_by_name():
+    from diffusers import UNet2DModel
+
+    with pytest.raises(DiffuMaskError, match=r"cannot read a UNet2DModel: it reads UNet2D"):
+        with trace(
+            UNet2DModel(
+                block_out_channels=(32,),
+                down_block_types=("DownBlock2D",),
+                up_block_types=("UpBlock2D",),
+            ),
+            [[1]],
+        ):
+            pass
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_diffumask_end_to_end_and_independent_of_the_batch(model):
+    dm = DiffuMask(model)
+    small = {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 5}
+    classes = [["aeroplane"], ["dog"]]
+    together = dm(PROMPTS, classes=classes, batch_size=2, **small)
+    one_by_one = dm(PROMPTS, classes=classes, batch_size=1, **small)
+    for a, b in zip(together, one_by_one, strict=True):
+        # batched kernels round differently: as for the UNet models, within one level
+        assert np.abs(np.asarray(a.image, int) - np.asarray(b.image, int)).max() <= 1
+        assert (a.mask == b.mask).mean() >= 0.99
+        assert a.mask.shape == (64, 64) and a.mask.dtype == np.uint8
+        assert 0 <= a.quality <= 1 and a.meta["model"] == model
+        (name,) = a.attention
+        np.testing.assert_allclose(a.attention[name], b.attention[name], atol=1e-4)
+    assert dm.default_size() == 128
+    with pytest.raises(DiffuMaskError, match=r"height=72 is not a multiple of 16"):
+        dm(PROMPTS[:1], classes=[["aeroplane"]], height=72, width=64)
+    with pytest.raises(DiffuMaskError, match=r"'cat' does not appear in prompt"):
+        dm(PROMPTS[:1], classes=[["cat"]], **small)
+
+
+def test_true_cfg_scale_is_flux_only():
+    dm = DiffuMask("builtin:tiny-random-sd3")
+    with pytest.raises(DiffuMaskError, match=r"true_cfg_scale=3.0 is for FLUX.1"):
+        dm(PROMPTS[:1], classes=[["aeroplane"]], true_cfg_scale=3.0, num_inference_steps=1)
+    flux = DiffuMask("builtin:tiny-random-flux")
+    s = flux(
+        PROMPTS[:1],
+        classes=[["aeroplane"]],
+        negative_prompt="a cat",
+        true_cfg_scale=3.0,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+    )[0]
+    assert s.meta["true_cfg_scale"] == 3.0 and s.mask.shape == (64, 64)
+
+
+# -- every surface: CLI, exports and FiftyOne (SD3); load_dataset (FLUX.1) ---------------
+
+
+def test_sd3_through_the_cli_exports_and_fiftyone(tmp_path):
+    from click.testing import CliRunner
+
+    from diffumask_datasets.cli import main
+    from diffumask_datasets.fiftyone import to_fiftyone
+
+    out = tmp_path / "ds"
+    args = ["generate", "voc", "--model", "builtin:tiny-random-sd3", "--classes", "bird,dog"]
+    args += ["--per-class", "1", "--steps", "2", "--size", "64", "--seed", "0", "--out", str(out)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(
+        main, ["export", str(out), "--format", "coco", "--to", str(tmp_path / "coco")]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "coco" / "annotations").is_dir()
+    bad = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "bad"), "--size", "72"])
+    assert bad.exit_code != 0 and "height=72 is not a multiple of 16" in bad.output
+    ds = to_fiftyone(out, media_dir=tmp_path / "media", progress=False)
+    try:
+        assert len(ds) == 2 and {s.model for s in ds} == {"builtin:tiny-random-sd3"}
+    finally:
+        ds.delete()
+
+
+def test_flux_through_load_dataset(tmp_path, monkeypatch):
+    from datasets import load_dataset
+
+    import diffumask_datasets.hf  # noqa: F401  (registers the names)
+
+    monkeypatch.chdir(tmp_path)
+    ds = load_dataset(
+        "diffumask-voc",
+        model="builtin:tiny-random-flux",
+        classes=["bird", "dog"],
+        images_per_class=1,
+        num_inference_steps=2,
+        resolution=64,
+        seed=0,
+        split="train",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    assert len(ds) == 2 and ds[0]["mask"].size == (64, 64)
+    assert all("tiny-random-flux" in str(row["meta"]) for row in ds)
+
+
+# -- map kind "concept": ConceptAttention on FLUX.1 ---------------------------------------
+
+
+def test_concept_maps_leave_the_image_and_are_a_softmax_over_the_concepts():
+    pipe = load_pipeline("builtin:tiny-random-flux")
+    pipe.set_progress_bar_config(disable=True)
+    family = family_of(pipe)
+    prompts = ["a photo of an aeroplane", "a dog and a cat"]
+    found = [
+        family.token_positions(prompts[0], ["aeroplane"], None),
+        family.token_positions(prompts[1], ["dog", "cat"], None),
+    ]
+    kept = [sorted({p for positions in f.values() for p in positions}) for f in found]
+    concepts = family.concepts(found, kept)
+    assert concepts.valid.tolist() == [[True, True, False], [True, True, True]]
+    plain = run(pipe, prompts)
+    concept = CaptureOptions(conditional_half=False, map_kind="concept", affinity_factor=1)
+    with trace(pipe, kept, concept, concepts) as cap:
+        captured = run(pipe, prompts)
+    assert np.abs(plain - captured).max() == 0  # image tokens never attend to concepts
+    result = cap.result()
+    assert result.layers == {(4, 4): 1}  # the second half of the two double blocks
+    maps = result.cross[(4, 4)]  # [prompts, kept columns, 4, 4]
+    dog, cat = (result.token_maps(1, found[1][name])[(4, 4)] for name in ("dog", "cat"))
+    # a softmax over dog, cat and background: the classes leave the background some share
+    assert (maps > 0).all() and ((dog + cat) < 1).all()
+    assert not np.allclose(dog, cat)
+
+
+def test_concept_maps_through_diffumask_are_recorded_and_batch_independent():
+    dm = DiffuMask("builtin:tiny-random-flux")
+    small = {"num_inference_steps": 2, "height": 64, "width": 64, "map_kind": "concept"}
+    classes = [["aeroplane"], ["dog"]]
+    together = dm(PROMPTS, classes=classes, batch_size=2, **small)
+    alone = dm(PROMPTS, classes=classes, batch_size=1, **small)
+    for a, b in zip(together, alone, strict=True):
+        assert a.meta["map_kind"] == "concept"
+        (name,) = a.attention
+        np.testing.assert_allclose(a.attention[name], b.attention[name], atol=1e-4)
+    with pytest.raises(DiffuMaskError, match=r"map_kind='concept' is for FLUX.1 pipelines"):
+        DiffuMask("builtin:tiny-random-sd3")(PROMPTS[:1], classes=[["aeroplane"]], **small)
+    with pytest.raises(DiffuMaskError, match=r"map_kind='attention' is unknown"):
+        dm(PROMPTS[:1], classes=[["aeroplane"]], **{**small, "map_kind": "attention"})
+    with pytest.raises(DiffuMaskError, match=r"map_kind='concept' needs a FLUX.1 transformer"):
+        with trace(load_pipeline("builtin:tiny-random"), [[5]], CaptureOptions(map_kind="concept")):
+            pass
