@@ -239,3 +239,61 @@ def test_only_cross_attention_unet_reads_both_text_layers():
     with pytest.raises(DiffuMaskError, match="no self-attention at factor 1"):
         with trace(unet, [[5]], CaptureOptions(affinity_factor=1)):
             pass
+
+
+def test_attention_with_lse_is_sdpa_bit_for_bit_plus_the_log_sum_exp():
+    from diffumask_datasets.capture.store import attention_with_lse
+
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
+    out, lse = attention_with_lse(q, k, v)
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    reference = torch.logsumexp(q @ k.mT * 16**-0.5, dim=-1)
+    assert lse.shape == (2, 3, 40) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_the_log_sum_exp_kernel_is_taken_only_where_sdpa_runs_it():
+    from torch.nn.attention import SDPBackend
+
+    from diffumask_datasets.capture.store import lse_kernel
+
+    assert lse_kernel("cpu", SDPBackend.FLASH_ATTENTION) is not None
+    assert lse_kernel("cuda", SDPBackend.CUDNN_ATTENTION) is not None
+    assert lse_kernel("cuda", SDPBackend.FLASH_ATTENTION) is not None
+    # SDPA runs these without a log-sum-exp, or they do not exist: the chunked pass then
+    for device, backend in [
+        ("cuda", SDPBackend.EFFICIENT_ATTENTION),
+        ("cuda", SDPBackend.MATH),
+        ("cpu", SDPBackend.MATH),
+        ("mps", SDPBackend.FLASH_ATTENTION),
+    ]:
+        assert lse_kernel(device, backend) is None
+
+
+def test_no_kernel_log_sum_exp_falls_back_to_sdpa(monkeypatch):
+    from diffumask_datasets.capture import store
+
+    monkeypatch.setattr(store, "lse_kernel", lambda *args: None)
+    q, k, v = (torch.randn(1, 2, 8, 8) for _ in range(3))
+    out, lse = store.attention_with_lse(q, k, v)
+    assert lse is None
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_affinity_from_the_kernels_log_sum_exp_in_chunks(dtype, monkeypatch):
+    """The lean affinity (kernel log-sum-exp, products in the inputs' precision, chunks of
+    queries) against a float32 softmax: equal in float32, within 2% in bfloat16."""
+    from diffumask_datasets.capture import store
+
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 4, 64, 16), torch.randn(2, 4, 64, 16)
+    reference = torch.softmax(q @ k.mT * 16**-0.5, dim=-1).mean(dim=1)
+    monkeypatch.setattr(store, "CHUNK_ELEMENTS", 2 * 4 * 64 * 5)  # 5 queries a chunk
+    q, k = q.to(dtype), k.to(dtype)
+    _, lse = store.attention_with_lse(q, k, k)
+    got = store.mean_attention(q, k, lse=lse)
+    assert got.dtype == torch.float32 and got.shape == (2, 64, 64)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, reference, rtol=tolerance, atol=tolerance / 64)

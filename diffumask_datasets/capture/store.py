@@ -14,11 +14,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from ..errors import DiffuMaskError
 
-# The CPU kernel of scaled_dot_product_attention, which also returns the log-sum-exp.
+# Kernels behind scaled_dot_product_attention that also return each query's log-sum-exp
+# over the keys, by (device type, the backend SDPA picks). Only those whose output is the
+# one SDPA gives for that pick: cuDNN (what SDPA picks on H100/H200 for the SD and SDXL
+# head dims, checked equal bit for bit), FlashAttention (SDPA always asks it for the
+# log-sum-exp) and the CPU's flash kernel. The memory-efficient kernel is left out: SDPA
+# runs it without the log-sum-exp, and asking for it is not checked to leave the output be.
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_LSE_KERNELS = {
+    ("cpu", int(SDPBackend.FLASH_ATTENTION)): lambda q, k, v: _CPU_FLASH(q, k, v, 0.0, False)[:2],
+    ("cuda", int(SDPBackend.CUDNN_ATTENTION)): lambda q, k, v: (
+        torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False)[:2]
+    ),
+    ("cuda", int(SDPBackend.FLASH_ATTENTION)): lambda q, k, v: (
+        torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False)[:2]
+    ),
+}
 # float32 scores materialised at once where no kernel gives the log-sum-exp (256 MB): a
 # full joint attention matrix of FLUX.1 at 1024 px is ~2 GB per layer and image.
 CHUNK_ELEMENTS = 2**26
@@ -123,16 +138,52 @@ def kept_probabilities(
     return torch.cat(parts, dim=2)
 
 
-def mean_attention(query: torch.Tensor, key: torch.Tensor, mask=None) -> torch.Tensor:
+def mean_attention(query: torch.Tensor, key: torch.Tensor, mask=None, lse=None) -> torch.Tensor:
     """softmax(q k^T) over the given keys, averaged over heads: [P, Q, keys] float32,
-    computed over chunks of queries (rows sum to 1)."""
+    computed over chunks of queries (rows sum to 1), so no (heads x Q x keys) float32
+    matrix is ever whole.
+
+    lse: each query's log-sum-exp over these keys [P, heads, Q], as the attention kernel
+    returned it: the probabilities are then one exp away from the scores, with no max and
+    sum passes. The scores' product then runs in the inputs' precision (float16 on a GPU
+    accumulates in float32 and rounds each score to 11 bits: probabilities within ~0.5%,
+    which averaging over heads, layers and steps only smooths).
+    """
     mask = _additive(mask)
-    key_t = key.float().mT
-    parts = [
-        _chunk_scores(query, key_t, mask, chunk).softmax(dim=-1).mean(dim=1)
-        for chunk in _query_chunks(query, key.shape[2])
-    ]
+    parts = []
+    if lse is None:
+        key_t = key.float().mT
+        for chunk in _query_chunks(query, key.shape[2]):
+            parts.append(_chunk_scores(query, key_t, mask, chunk).softmax(dim=-1).mean(dim=1))
+        return torch.cat(parts, dim=1)
+    key_t = key.mT * _scale(query)
+    for chunk in _query_chunks(query, key.shape[2]):
+        scores = torch.matmul(query[:, :, chunk], key_t).float()
+        if mask is not None:
+            scores = scores + (mask if mask.shape[-2] == 1 else mask[..., chunk, :]).float()
+        parts.append(torch.exp(scores - lse[:, :, chunk, None]).mean(dim=1))
     return torch.cat(parts, dim=1)
+
+
+def lse_kernel(device_type: str, backend: int) -> Callable | None:
+    """The kernel that gives SDPA's output and the log-sum-exp when SDPA picks `backend`
+    on `device_type`, or None where there is none (then the caller computes it)."""
+    if device_type == "cpu" and _CPU_FLASH is None:
+        return None
+    return _LSE_KERNELS.get((device_type, int(backend)))
+
+
+def attention_with_lse(query, key, value) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """scaled_dot_product_attention(query, key, value) exactly as SDPA computes it, and each
+    query's log-sum-exp over the keys [B, heads, Q] (float32) when the kernel SDPA picks
+    returns one; None otherwise. No mask: with one, SDPA may pick other kernels."""
+    backend = torch._fused_sdp_choice(query, key, value)
+    kernel = lse_kernel(query.device.type, backend)
+    # Flash kernels on CUDA take head dims that are multiples of 8 (SDPA pads the others).
+    if kernel is None or (query.is_cuda and query.shape[-1] % 8):
+        return F.scaled_dot_product_attention(query, key, value), None
+    out, lse = kernel(query, key, value)
+    return out, lse.reshape(query.shape[:3]).float()
 
 
 def attend_keeping_columns(
@@ -153,18 +204,19 @@ def attend_keeping_columns(
     (another attention backend); the output then comes from it and the log-sum-exp from
     a chunked float32 pass.
     """
-    if plain is None and mask is None and query.device.type == "cpu" and _CPU_FLASH is not None:
-        # The CPU kernel behind scaled_dot_product_attention also returns each query's
-        # log-sum-exp over the keys: the kept columns' probabilities then cost one
-        # (queries x kept columns) product, not a second pass over all the keys.
-        out, lse = _CPU_FLASH(query, key, value, 0.0, False)
-        kept = _gather_keys(key[rows:], columns)  # [P, heads, kept, dim]
-        logits = torch.matmul(query[rows:, :, queries].float(), kept.float().mT * _scale(query))
-        return out, torch.exp(logits - lse[rows:, :, queries, None].float())
-    if plain is not None:
+    lse = None
+    if plain is None and mask is None:
+        out, lse = attention_with_lse(query, key, value)
+    elif plain is not None:
         out = plain()
     else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    if lse is not None:
+        # The kernel's log-sum-exp normalises the kept columns' logits: one
+        # (queries x kept columns) product, not a second pass over all the keys.
+        kept = _gather_keys(key[rows:], columns)  # [P, heads, kept, dim]
+        logits = torch.matmul(query[rows:, :, queries].float(), kept.float().mT * _scale(query))
+        return out, torch.exp(logits - lse[rows:, :, queries, None])
     if mask is not None:
         mask = mask[rows:] if mask.shape[0] > 1 else mask
         if mask.shape[-2] > 1:

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from ..errors import DiffuMaskError
-from .store import Capture, CaptureOptions, Store, attend_keeping_columns, mean_attention
+from .store import (
+    Capture,
+    CaptureOptions,
+    Store,
+    attend_keeping_columns,
+    attention_with_lse,
+    mean_attention,
+)
 
 # Processors whose computation CaptureProcessor reproduces exactly. Anything else
 # (xformers, sliced, custom) is refused rather than silently capturing nothing.
@@ -81,10 +88,14 @@ class _Store(Store):
             out, picked = attend_keeping_columns(query, key, value, split, self.columns, mask=mask)
             self.add_cross(picked.mean(dim=1), self.map_size(picked.shape[2]))
             return out
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-        if mask is not None and mask.shape[0] > 1:
-            mask = mask[split:]
-        probs = mean_attention(query[split:], key[split:], mask)  # [P, Q, Q]
+        if mask is None:
+            out, lse = attention_with_lse(query, key, value)
+        else:
+            out, lse = F.scaled_dot_product_attention(query, key, value, attn_mask=mask), None
+            mask = mask[split:] if mask.shape[0] > 1 else mask
+        probs = mean_attention(
+            query[split:], key[split:], mask, None if lse is None else lse[split:]
+        )
         self.add_affinity(probs, self.map_size(probs.shape[1]))
         return out
 
