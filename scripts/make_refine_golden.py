@@ -2,11 +2,13 @@
 and chains that the numpy refinement of commit d0e6cdf (before refinement moved to
 torch) made from them. tests/test_refine.py checks today's refinement against it.
 
-    python scripts/make_refine_golden.py          # ~1 minute on 2 CPU cores
+    python scripts/make_refine_golden.py [OUT]    # ~1 minute on 2 CPU cores
 
-Inputs are stored (rounded to float16, then used as float32 by both sides; the scores as
-float16 area averages of at most 64x64) so the test
-depends on neither the capture nor scipy's filters: real captures of builtin:shapes and
+The inputs are taken where the engine hands them to `refine.cut_masks` (the file in
+tests/data was made at commit 80e52a7, when the engine called `refine.refine` per image
+with the same inputs). They are stored rounded to float16, then used as float32 by both
+sides, and the scores as float16 area averages of at most 64x64, so the test depends on
+neither the capture nor scipy's filters: real captures of builtin:shapes and
 builtin:tiny-random, and synthetic maps at 64 and 512 pixels.
 """
 
@@ -54,13 +56,17 @@ def captured(model: str, prompts, classes, size: int, steps: int):
     """Refine's inputs for each prompt, as DiffuMask hands them over."""
     from diffumask_datasets import DiffuMask, generate
 
-    kept, real = [], generate.refine
+    kept, real = [], generate.cut_masks
 
-    def keep(class_maps, class_ids, size, params, affinity=None, affinity_size=None):
-        kept.append((class_maps, affinity, affinity_size))
-        return real(class_maps, class_ids, size, params, affinity, affinity_size)
+    def keep(class_maps, class_ids, size, params, affinity=None, affinity_size=None, **kw):
+        for i, maps in enumerate(class_maps):
+            numpy_maps = {
+                c: {s: np.asarray(m) for s, m in by_size.items()} for c, by_size in maps.items()
+            }
+            kept.append((numpy_maps, np.asarray(affinity[i]), affinity_size))
+        return real(class_maps, class_ids, size, params, affinity, affinity_size, **kw)
 
-    generate.refine = keep
+    generate.cut_masks = keep
     try:
         DiffuMask(model)(
             prompts,
@@ -74,7 +80,7 @@ def captured(model: str, prompts, classes, size: int, steps: int):
             batch_size=len(prompts),
         )
     finally:
-        generate.refine = real
+        generate.cut_masks = real
     return kept
 
 
@@ -193,8 +199,9 @@ def main() -> None:
         }
         index.append(entry)
     arrays["index"] = np.frombuffer(json.dumps({"ids": ids, "cases": index}).encode(), np.uint8)
-    np.savez_compressed(OUT, **arrays)
-    print(f"{OUT}: {OUT.stat().st_size / 1024:.0f} KiB, {len(index)} cases")
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else OUT
+    np.savez_compressed(out, **arrays)
+    print(f"{out}: {out.stat().st_size / 1024:.0f} KiB, {len(index)} cases")
 
 
 if __name__ == "__main__":
