@@ -1,5 +1,6 @@
 """Refinement time per image at 512 px, one CPU thread: the torch refinement against the
-numpy one it replaced (commit d0e6cdf, read with `git show`), alternating, medians.
+numpy one it replaced (commit d0e6cdf, read with `git show`), alternating; medians and
+minima (on a shared machine the minimum is the least disturbed run).
 
 Inputs shaped as SD-1.5 at 512 px hands them over: cross-attention maps at 64, 32 and
 16 px per class, a 32x32 self-attention affinity (1024 x 1024); synthetic objects.
@@ -65,9 +66,18 @@ def main(argv=None) -> None:
                 per = 8 if "batch" in name else 1
                 times[name].append((time.perf_counter() - start) * 1000 / per)
         for name, values in times.items():
-            row = {"method": method, "implementation": name, "ms": statistics.median(values)}
+            row = {
+                "method": method,
+                "implementation": name,
+                "median_ms": round(statistics.median(values), 2),
+                "min_ms": round(min(values), 2),  # the least disturbed run on a busy machine
+            }
             rows.append(row)
-            print(f"{method:>9}  {name:<30} {row['ms']:7.1f} ms/image", flush=True)
+            print(
+                f"{method:>9}  {name:<30} median {row['median_ms']:7.1f} ms/image, "
+                f"min {row['min_ms']:7.1f}",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
