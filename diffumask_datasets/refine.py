@@ -221,11 +221,16 @@ def _per_map(level: float | torch.Tensor) -> float | torch.Tensor:
     return level[..., None, None] if isinstance(level, torch.Tensor) else level
 
 
+def best_score(scores: torch.Tensor) -> torch.Tensor:
+    """The highest class score per pixel: [..., classes, H, W] -> [..., H, W]."""
+    return scores[..., 0, :, :] if scores.shape[-3] == 1 else scores.amax(dim=-3)
+
+
 def first_max(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values[class with the highest score], that score) per pixel; ties go to the first
     class. scores [..., classes, H, W], values [..., classes] uint8. (A select per class:
     on the CPU, torch's argmax over a leading dimension is far slower.)"""
-    best = scores[..., 0, :, :] if scores.shape[-3] == 1 else scores.amax(dim=-3)
+    best = best_score(scores)
     picked = values[..., -1, None, None].expand(best.shape)
     for c in range(scores.shape[-3] - 2, -1, -1):
         picked = torch.where(scores[..., c, :, :] == best, values[..., c, None, None], picked)
@@ -331,7 +336,7 @@ def apply_band(
     mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
     if width <= 0:
         return mask
-    _, best = first_max(as_tensor(scores), torch.zeros(1, dtype=torch.uint8))
+    best = best_score(as_tensor(scores))
     uncertain = (best - _per_map(level)).abs() < width / 2
     return mask | uncertain.to(torch.uint8) * IGNORE  # 255 | anything = 255
 

@@ -130,6 +130,13 @@ def test_band_marks_uncertain_pixels():
     np.testing.assert_array_equal(apply_band(mask, scores, 0.5, 0.1), [[0, IGNORE, IGNORE, 1]])
 
 
+def test_band_and_label_with_three_classes_and_ties():
+    scores = np.array([[[0.9, 0.2, 0.5]], [[0.1, 0.46, 0.5]], [[0.3, 0.45, 0.2]]], np.float32)
+    mask = label(scores, [4, 5, 6], 0.4)
+    np.testing.assert_array_equal(mask, [[4, 5, 4]])  # a tie goes to the first class
+    np.testing.assert_array_equal(apply_band(mask, scores, 0.5, 0.1), [[4, IGNORE, IGNORE]])
+
+
 def test_small_components_are_dropped():
     mask = np.zeros((20, 20), np.uint8)
     mask[2:12, 2:12] = 1
