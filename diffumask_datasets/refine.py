@@ -307,7 +307,8 @@ def adaptive_threshold(
     chosen, agreements = [], []
     for i, image_classes in enumerate(classes):
         below = levels_below(best[i].flatten(), levels)
-        pair = predicted[i].flatten() * width + reference[i].flatten()  # uint8: width <= 15
+        # float32 index arithmetic: exact below 2**24, and cheaper than int64 here
+        pair = predicted[i].flatten().float() * width + reference[i].flatten()
         index = (pair * (count + 1) + below).long()
         counts = torch.bincount(index, minlength=width * width * (count + 1))
         counts = counts.view(width, width, count + 1).cpu().numpy()

@@ -10,6 +10,7 @@ from scipy import ndimage
 from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.refine import (
     Refinement,
+    adaptive_threshold,
     aggregate,
     apply_band,
     gamma_sweep,
@@ -285,6 +286,29 @@ def test_levels_below_counts_exactly_at_the_levels():
     uneven = np.array([0.1, 0.3, 0.35, 0.9])  # counted by binary search
     got = levels_below(torch.from_numpy(scores), uneven)
     np.testing.assert_array_equal(got.numpy(), (scores[:, None] >= uneven[None]).sum(axis=1))
+
+
+def test_adaptive_sweep_equals_cutting_at_every_level():
+    """The one-histogram sweep against cutting and scoring each level in turn (what the
+    numpy code did), with up to five classes and a shared id."""
+    rng = np.random.default_rng(3)
+    scores = torch.from_numpy(rng.random((2, 5, 24, 24), np.float32))
+    classes = [[1, 2, 3, 4, 5], [1, 2, 2]]  # image 1: classes 2 and 3 share a label
+    labels = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 2, 0, 0]], dtype=torch.uint8)
+    scores[1, 3:] = 0  # padding
+    reference = torch.from_numpy(rng.integers(0, 6, (2, 24, 24)).astype(np.uint8))
+    reference[1] = reference[1] % 3
+    levels = gamma_sweep(0.2, 0.8, 0.05)
+    chosen, agreements = adaptive_threshold(scores, labels, reference, levels, classes)
+    for i, image_classes in enumerate(classes):
+        expected = []
+        for level in levels:
+            mask = np.asarray(label(scores[i], labels[i], float(level)))
+            ref = np.asarray(reference[i])
+            ious = [iou(mask == c, ref == c) for c in [0, *image_classes]]
+            expected.append(float(np.mean(ious)))
+        top = int(np.argmax(expected))
+        assert chosen[i] == float(levels[top]) and agreements[i] == expected[top]
 
 
 def batch_inputs(images=3):
