@@ -17,7 +17,7 @@ from .capture import CaptureOptions, default_affinity_factor, trace
 from .errors import DiffuMaskError
 from .models import load_pipeline, model_name
 from .overlap import overlapped
-from .refine import Cut, Refinement, cut_masks, finish
+from .refine import Cut, Refinement, check_class_ids, cut_masks, finish
 from .sample import Sample
 from .tokens import class_token_indices
 
@@ -189,6 +189,7 @@ class DiffuMask:
                     raise DiffuMaskError(
                         f"class {name!r} has no id in class_ids; known: {sorted(ids)}"
                     )
+        check_class_ids(class_lists, ids)  # mask values, before anything is generated
         # Every prompt's class tokens are found before anything is generated, so a
         # misspelt class fails in a second, not after an hour of sampling.
         tokenizer = self.pipe.tokenizer

@@ -480,7 +480,8 @@ def _check_maps(class_maps: Sequence[Mapping[str, Mapping[Size, Array]]]) -> Non
         raise DiffuMaskError("no attention maps to aggregate")
 
 
-def _class_ids(classes: list[list[str]], class_ids: Mapping[str, int]) -> list[list[int]]:
+def check_class_ids(classes: list[list[str]], class_ids: Mapping[str, int]) -> list[list[int]]:
+    """Each image's class ids, checked: every class has one, a mask value in 1..254."""
     unknown = sorted({n for names in classes for n in names if n not in class_ids})
     if unknown:
         raise DiffuMaskError(f"class(es) {unknown} have no id; known: {sorted(class_ids)}")
@@ -538,7 +539,7 @@ def cut_masks(
             ]
         )
     classes = [list(maps) for maps in class_maps]
-    ids = _class_ids(classes, class_ids)
+    ids = check_class_ids(classes, class_ids)
     cross = _stack(class_maps, device)
     size = (int(size[0]), int(size[1]))
     chains = [
@@ -641,7 +642,7 @@ def rethreshold(
     if not attention:
         raise DiffuMaskError("no attention maps to re-threshold")
     names = list(attention)
-    ids = _class_ids([names], class_ids)
+    ids = check_class_ids([names], class_ids)
     params = Refinement(method="threshold", threshold=threshold, band=band, min_area=min_area)
     size = size or max((tuple(m.shape) for m in attention.values()), key=lambda s: s[0] * s[1])
     scores = torch.stack([resize(attention[n], size).clamp(0.0, 1.0) for n in names])
