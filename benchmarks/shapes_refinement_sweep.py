@@ -3,7 +3,7 @@
 Generates single-object prompts once through `DiffuMask("builtin:shapes")` (the prompts
 and reference masks of shapes_quality.py), keeps each sample's raw multi-resolution
 cross-attention maps and self-attention affinity as the engine hands them to
-`refine.refine`, then scores, without generating again, several ways of normalising the
+`refine.cut_masks`, then scores, without generating again, several ways of normalising the
 maps and of cutting them: threshold levels, random-walk steps. Two prompt sets (seed 0
 and seed 100) show which differences hold beyond one set.
 
@@ -53,20 +53,21 @@ def capture(n: int, seed: int) -> list[dict]:
     """Generate n single-object samples; keep refine's inputs and the reference mask."""
     from diffumask_datasets import DiffuMask, generate
 
-    kept, real_refine = [], generate.refine
+    kept, real_cut = [], generate.cut_masks
 
-    def keep(class_maps, class_ids, size, params, affinity=None, affinity_size=None):
-        kept.append(
-            {
-                "maps": next(iter(class_maps.values())),
-                "affinity": affinity,
-                "affinity_size": affinity_size,
-            }
-        )
-        return real_refine(class_maps, class_ids, size, params, affinity, affinity_size)
+    def keep(class_maps, class_ids, size, params, affinity=None, affinity_size=None, **kw):
+        for i, maps in enumerate(class_maps):
+            kept.append(
+                {
+                    "maps": {k: np.asarray(m) for k, m in next(iter(maps.values())).items()},
+                    "affinity": np.asarray(affinity[i]),
+                    "affinity_size": affinity_size,
+                }
+            )
+        return real_cut(class_maps, class_ids, size, params, affinity, affinity_size, **kw)
 
     prompts = sq.single_object_prompts(n, seed)
-    generate.refine = keep
+    generate.cut_masks = keep
     try:
         samples = DiffuMask("builtin:shapes")(
             [p for p, _, _ in prompts],
@@ -79,7 +80,7 @@ def capture(n: int, seed: int) -> list[dict]:
             batch_size=16,
         )
     finally:
-        generate.refine = real_refine
+        generate.cut_masks = real_cut
     for item, sample, (_, shape, _) in zip(kept, samples, prompts, strict=True):
         item["class_id"] = sw.CLASS_IDS[shape]
         item["reference"] = sq.reference_mask(sample.image, shape)
@@ -89,10 +90,11 @@ def capture(n: int, seed: int) -> list[dict]:
 def scores(item: dict, normalise, method: str, power: int) -> np.ndarray:
     """The 64x64 score map refine would cut, with `normalise` for each attention map."""
     size = (64, 64) if method == "threshold" else item["affinity_size"]
-    maps = [R.resize(normalise(m), size) for m in item["maps"].values()]
+    maps = [R.resize(np.asarray(normalise(m)), size).numpy() for m in item["maps"].values()]
     cam = np.clip(np.mean(maps, axis=0), 0, 1)
     if method == "affinity":
-        cam = R.resize(R.normalise_minmax(R.propagate(cam, item["affinity"], power)), (64, 64))
+        walked = R.normalise_minmax(R.propagate(cam, item["affinity"], power))
+        cam = R.resize(walked, (64, 64)).numpy()
     return np.clip(cam, 0, 1)
 
 
@@ -100,7 +102,7 @@ def miou(items: list[dict], normalise, method: str, power: int, threshold: float
     score = sq.ConfusionIoU()
     for item in items:
         s = scores(item, normalise, method, power)
-        score.add(R.label(s[None], [item["class_id"]], threshold), item["reference"])
+        score.add(R.label(s[None], [item["class_id"]], threshold).numpy(), item["reference"])
     return score.miou()
 
 

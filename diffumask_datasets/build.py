@@ -15,6 +15,7 @@ size or on another machine.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,6 +25,7 @@ from typing import Any
 
 from diffumask_datasets.definitions import DEFAULT_KEYS, Definition, load_definition
 from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.overlap import overlapped
 from diffumask_datasets.prompts import PlanItem, make_plan
 from diffumask_datasets.store import Record, Store, create_store, make_manifest, open_store
 
@@ -225,35 +227,52 @@ class EngineHolder:
         return self._engine
 
 
+def _record(item: PlanItem, sample: Any, config: GenerationConfig) -> Record:
+    sample.meta["index"] = item.index
+    return Record.from_sample(item.index, sample, config.attention_size)
+
+
+def _batch_jobs(
+    items: Sequence[PlanItem],
+    definition: Definition,
+    config: GenerationConfig,
+    engine: Callable[[], Any],
+    complete: Callable[[PlanItem, Any], Any],
+) -> Iterator[Callable[[], list[Any]]]:
+    """The engine's batches (see DiffuMask.batches), each job completed per sample with
+    `complete(item, sample)`, so that it runs in the background worker too."""
+    synonyms = {c.name: list(c.words) for c in definition.classes}
+    jobs = engine().batches(
+        [item.prompt for item in items],
+        classes=[list(item.class_names) for item in items],
+        seed=[item.seed for item in items],
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        height=config.resolution,
+        width=config.resolution,
+        batch_size=config.batch_size,
+        negative_prompt=config.negative_prompt,
+        class_ids=definition.class_ids,
+        synonyms=synonyms,
+        refinement=config.refinement,
+    )
+    for start, job in zip(range(0, len(items), config.batch_size), jobs, strict=True):
+        batch = items[start : start + config.batch_size]
+        yield lambda batch=batch, job=job: [
+            complete(item, sample) for item, sample in zip(batch, job(), strict=True)
+        ]
+
+
 def generate_records(
     items: Sequence[PlanItem],
     definition: Definition,
     config: GenerationConfig,
     engine: Callable[[], Any],
 ) -> Iterator[list[Record]]:
-    """Generate the plan items batch by batch; yields each batch's Records when done."""
-    synonyms = {c.name: list(c.words) for c in definition.classes}
-    for start in range(0, len(items), config.batch_size):
-        batch = items[start : start + config.batch_size]
-        samples = engine()(
-            [item.prompt for item in batch],
-            classes=[list(item.class_names) for item in batch],
-            seed=[item.seed for item in batch],
-            num_inference_steps=config.num_inference_steps,
-            guidance_scale=config.guidance_scale,
-            height=config.resolution,
-            width=config.resolution,
-            batch_size=config.batch_size,
-            negative_prompt=config.negative_prompt,
-            class_ids=definition.class_ids,
-            synonyms=synonyms,
-            refinement=config.refinement,
-        )
-        records = []
-        for item, sample in zip(batch, samples, strict=True):
-            sample.meta["index"] = item.index
-            records.append(Record.from_sample(item.index, sample, config.attention_size))
-        yield records
+    """Generate the plan items batch by batch; yields each batch's Records when done.
+    A batch's CPU part runs in a background thread while the next batch generates."""
+    complete = functools.partial(_record, config=config)
+    yield from overlapped(_batch_jobs(items, definition, config, engine, complete))
 
 
 def shard_items(store: Store, plan: Sequence[PlanItem], shard: int) -> list[PlanItem]:
@@ -271,13 +290,22 @@ def make_shard(
     """Generate shard `shard` and write it; yields its records as batches finish.
 
     The caller holds the shard's claim. The shard reaches disk only after its last record
-    was yielded, so a consumer that stops early leaves no partial shard behind.
+    was yielded, so a consumer that stops early leaves no partial shard behind. Each
+    batch's CPU part, encoding its rows (PNG) included, runs in a background thread
+    while the next batch generates.
     """
-    records: list[Record] = []
-    for batch in generate_records(shard_items(store, plan, shard), definition, config, engine):
-        records.extend(batch)
-        yield from batch
-    store.write_shard(shard, records)
+
+    def complete(item: PlanItem, sample: Any) -> tuple[Record, dict]:
+        record = _record(item, sample, config)
+        return record, store.encode(record)
+
+    rows = []
+    items = shard_items(store, plan, shard)
+    for batch in overlapped(_batch_jobs(items, definition, config, engine, complete)):
+        for record, row in batch:
+            rows.append(row)
+            yield record
+    store.write_rows(shard, rows)
 
 
 def iter_store(

@@ -1,9 +1,14 @@
-"""The engine: prompts in, samples (image, mask, attention, quality) out, batched."""
+"""The engine: prompts in, samples (image, mask, attention, quality) out, batched.
+
+Per batch, on the pipeline's device: generation with the capture, then the masks cut from
+the attention (refine.cut_masks). On the CPU, in one background thread while the next
+batch generates (overlap.overlapped): small-component cleanup, quality, the Samples.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +17,8 @@ from .capture import CaptureOptions, default_affinity_factor, trace
 from .errors import DiffuMaskError
 from .families import family_of
 from .models import load_pipeline, model_name
-from .refine import Refinement, refine
+from .overlap import overlapped
+from .refine import Cut, Refinement, check_class_ids, cut_masks, finish
 from .sample import Sample
 
 
@@ -110,10 +116,68 @@ class DiffuMask:
         true_cfg_scale: float = 1.0,
         map_kind: str = "cross",
     ) -> list[Sample]:
-        """true_cfg_scale: FLUX.1 only (guidance-distilled): above 1, with a negative
+        """Samples for the prompts, generated `batch_size` at a time; each batch's CPU
+        part runs while the next batch generates (see `batches`).
+
+        true_cfg_scale: FLUX.1 only (guidance-distilled): above 1, with a negative
         prompt, the negative runs as a second pass and the two are mixed.
         map_kind: "cross" (attention to the class tokens) or, FLUX.1 only, "concept"
         (ConceptAttention; recorded in each sample's meta)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        jobs = self.batches(
+            prompts,
+            classes,
+            seed,
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            batch_size,
+            negative_prompt,
+            class_ids,
+            synonyms,
+            refinement,
+            true_cfg_scale,
+            map_kind,
+        )
+        samples: list[Sample] = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompts), desc="generating", unit="image")
+        try:
+            for batch in overlapped(jobs):
+                samples += batch
+                if bar is not None:
+                    bar.update(len(batch))
+        finally:
+            if bar is not None:
+                bar.close()
+        return samples
+
+    def batches(
+        self,
+        prompts: str | Sequence[str],
+        classes: Sequence[Any],
+        seed: int | Sequence[int] = 0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int = 4,
+        negative_prompt: str | None = None,
+        class_ids: Mapping[str, int] | None = None,
+        synonyms: Mapping[str, Sequence[str]] | None = None,
+        refinement: Refinement | Mapping[str, Any] | str | None = None,
+        true_cfg_scale: float = 1.0,
+        map_kind: str = "cross",
+    ) -> Iterator[Callable[[], list[Sample]]]:
+        """What __call__ makes, batch by batch: for each batch of `batch_size` prompts,
+        once its device part has run (pipeline, capture, masks cut), a callable that
+        completes it on the CPU and returns its Samples. Call them in order, e.g. in a
+        background thread with overlap.overlapped. Everything is checked before the first
+        batch generates."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise DiffuMaskError("no prompts given")
@@ -139,6 +203,7 @@ class DiffuMask:
                     raise DiffuMaskError(
                         f"class {name!r} has no id in class_ids; known: {sorted(ids)}"
                     )
+        check_class_ids(class_lists, ids)  # mask values, before anything is generated
         # Every prompt's class tokens are found before anything is generated, so a
         # misspelt class fails in a second, not after an hour of sampling.
         token_indices = [
@@ -166,22 +231,11 @@ class DiffuMask:
         if map_kind != "cross":
             settings["map_kind"] = map_kind
         self.family.check(settings)
-        samples: list[Sample] = []
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(prompts), desc="generating", unit="image")
         for start in range(0, len(prompts), batch_size):
             batch = slice(start, start + batch_size)
-            samples += self._batch(
+            yield self._batch(
                 prompts[batch], token_indices[batch], seeds[batch], ids, options, params, settings
             )
-            if bar is not None:
-                bar.update(len(prompts[batch]))
-        if bar is not None:
-            bar.close()
-        return samples
 
     def _latents(self, seeds: Sequence[int], height: int, width: int):
         # drawn on the CPU per sample from its own seed (see families)
@@ -194,40 +248,48 @@ class DiffuMask:
         with trace(self.pipe, tokens, options, concepts) as cap:
             images = self.pipe(**self.family.call_arguments(prompts, latents, settings)).images
         captured = cap.result()
-        samples = []
-        for i, (prompt, seed, positions) in enumerate(
-            zip(prompts, seeds, token_indices, strict=True)
-        ):
-            class_maps = {name: captured.token_maps(i, p) for name, p in positions.items()}
-            refined = refine(
-                class_maps,
-                class_ids,
-                (settings["height"], settings["width"]),
-                params,
-                affinity=None if captured.affinity is None else captured.affinity[i],
-                affinity_size=captured.affinity_size,
+        cut = cut_masks(
+            [
+                {name: captured.token_maps(i, p) for name, p in positions.items()}
+                for i, positions in enumerate(token_indices)
+            ],
+            class_ids,
+            (settings["height"], settings["width"]),
+            params,
+            affinity=captured.affinity,
+            affinity_size=captured.affinity_size,
+            device=self.pipe.device,  # the capture's maps move there if they are not yet
+        )
+        meta = {"model": self.model, **settings}
+        return lambda: _samples(images, cut, prompts, seeds, token_indices, class_ids, params, meta)
+
+
+def _samples(images, cut: Cut, prompts, seeds, token_indices, class_ids, params, meta):
+    """The CPU part of a batch: masks finished (refine.finish) and Samples made."""
+    samples = []
+    for image, refined, prompt, seed, positions in zip(
+        images, finish(cut), prompts, seeds, token_indices, strict=True
+    ):
+        sample_meta = {
+            "prompt": prompt,
+            "seed": seed,
+            **meta,
+            "classes": list(positions),
+            "class_ids": {name: class_ids[name] for name in positions},
+            "token_indices": positions,
+            "refinement": {
+                "method": params.method,
+                "params": params.to_dict(),
+                "chain": refined.chain,
+            },
+        }
+        samples.append(
+            Sample(
+                image=image.convert("RGB"),
+                mask=refined.mask,
+                attention=refined.attention,
+                quality=refined.quality,
+                meta=sample_meta,
             )
-            meta = {
-                "prompt": prompt,
-                "seed": seed,
-                "model": self.model,
-                **settings,
-                "classes": list(positions),
-                "class_ids": {name: class_ids[name] for name in positions},
-                "token_indices": positions,
-                "refinement": {
-                    "method": params.method,
-                    "params": params.to_dict(),
-                    "chain": refined.chain,
-                },
-            }
-            samples.append(
-                Sample(
-                    image=images[i].convert("RGB"),
-                    mask=refined.mask,
-                    attention=refined.attention,
-                    quality=refined.quality,
-                    meta=meta,
-                )
-            )
-        return samples
+        )
+    return samples

@@ -341,11 +341,17 @@ class Store:
 
     def write_shard(self, shard: int, records: Sequence[Record]) -> None:
         """Write shard `shard` atomically; call it while holding `claim(shard)`."""
+        self.write_rows(shard, [self.encode(r) for r in records])
+
+    def encode(self, record: Record) -> dict:
+        """A record as a row of this store (PNG encoding: most of a write's work)."""
+        return record_to_row(record, self.definition.class_ids, self.attention_size)
+
+    def write_rows(self, shard: int, rows: Sequence[dict]) -> None:
+        """write_shard for rows already encoded (`encode`)."""
         expected = len(self.shard_range(shard))
-        if len(records) != expected:
-            raise ValueError(f"shard {shard} needs {expected} records, got {len(records)}")
-        ids = self.definition.class_ids
-        rows = [record_to_row(r, ids, self.attention_size) for r in records]
+        if len(rows) != expected:
+            raise ValueError(f"shard {shard} needs {expected} records, got {len(rows)}")
         (self.path / DATA_DIR).mkdir(parents=True, exist_ok=True)
         _write_parquet_atomic(rows, self.features, self.shard_path(shard), self.path / WORK_DIR)
 

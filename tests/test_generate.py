@@ -89,6 +89,10 @@ def test_sdxl_architecture():
         ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
         ({"seed": [1, 2]}, r"seed has 2 values for 3 prompts"),
         ({"class_ids": {"bird": 1}}, r"class 'dog' has no id in class_ids"),
+        (
+            {"class_ids": {"bird": 1, "dog": 255, "cat": 3, "aeroplane": 4}},
+            r"class 'dog' has id 255; class ids are mask values, integers in 1..254",
+        ),
         ({"refinement": "crf"}, r"refinement method 'crf' is unknown"),
     ],
 )

@@ -1,23 +1,40 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.refine import (
     Refinement,
+    adaptive_threshold,
     aggregate,
     apply_band,
-    iou,
+    gamma_sweep,
     label,
+    levels_below,
     propagate,
     quality_score,
     refine,
+    refine_batch,
     remove_small_components,
+    resize,
     rethreshold,
 )
 from diffumask_datasets.sample import IGNORE
+from diffumask_datasets.store import downsample
 
 SIZE = (64, 64)
+GOLDEN = Path(__file__).parent / "data" / "refine_golden.npz"
+
+
+def iou(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def disc(center, radius, size=SIZE):
@@ -114,6 +131,13 @@ def test_band_marks_uncertain_pixels():
     np.testing.assert_array_equal(apply_band(mask, scores, 0.5, 0.1), [[0, IGNORE, IGNORE, 1]])
 
 
+def test_band_and_label_with_three_classes_and_ties():
+    scores = np.array([[[0.9, 0.2, 0.5]], [[0.1, 0.46, 0.5]], [[0.3, 0.45, 0.2]]], np.float32)
+    mask = label(scores, [4, 5, 6], 0.4)
+    np.testing.assert_array_equal(mask, [[4, 5, 4]])  # a tie goes to the first class
+    np.testing.assert_array_equal(apply_band(mask, scores, 0.5, 0.1), [[4, IGNORE, IGNORE]])
+
+
 def test_small_components_are_dropped():
     mask = np.zeros((20, 20), np.uint8)
     mask[2:12, 2:12] = 1
@@ -166,3 +190,180 @@ def test_affinity_methods_need_an_affinity():
         refine(
             {"bird": multires(disc((32, 32), 9), rng)}, {"bird": 1}, SIZE, Refinement("affinity")
         )
+
+
+# -- the torch refinement against the numpy one it replaced ---------------------------------
+
+
+def golden_cases():
+    """(case, {class: {(h, w): map}}, affinity) for each case of the golden file, which
+    scripts/make_refine_golden.py made with the numpy refinement of d0e6cdf."""
+    golden = np.load(GOLDEN)
+    index = json.loads(bytes(golden["index"]))
+    for case in index["cases"]:
+        name = case["name"]
+        maps = {c: {} for c in case["classes"]}
+        for key in golden.files:
+            if key.startswith(f"{name}/maps/"):
+                _, _, c, side = key.split("/")
+                h, w = map(int, side.split("x"))
+                maps[c][(h, w)] = golden[key].astype(np.float32)
+        yield case, maps, golden[f"{name}/affinity"].astype(np.float32), golden, index["ids"]
+
+
+def walk_range(maps, affinity, affinity_size, power):
+    """Smallest relative range (max - min) / max over the classes' random-walk outputs."""
+    return min(
+        float((w.max() - w.min()) / w.max())
+        for m in maps.values()
+        for w in [propagate(aggregate(m, affinity_size), affinity, power)]
+    )
+
+
+def test_masks_equal_the_numpy_refinement():
+    """Masks, chains (adaptive's chosen level and its agreement included) and quality as
+    the numpy code made them, on real captures (builtin:shapes, builtin:tiny-random) and
+    synthetic maps at 64 and 512 px. The documented tolerance: scores within float32
+    rounding (compared here to float16 copies); quality within 5e-5; and where the
+    random walk's output is flat (range < 0.1% of its peak, as on the random-weight
+    tiny model) the min-max stretch magnifies rounding, so what is cut from the
+    propagated map (method affinity, adaptive's reference) may differ."""
+    checked = flat = 0
+    for case, maps, affinity, golden, ids in golden_cases():
+        name, size = case["name"], tuple(case["size"])
+        for run in case["runs"]:
+            params = Refinement.from_any(run["params"])
+            out = refine(maps, ids, size, params, affinity, tuple(case["affinity_size"]))
+            where = f"{name}/{run['key']}"
+            if (
+                walk_range(maps, affinity, tuple(case["affinity_size"]), params.affinity_power)
+                < 1e-3
+            ):
+                flat += 1
+                assert "tiny" in name, where  # only the random-weight model is that flat
+                if params.method == "affinity":
+                    continue
+                chain = [s for s in out.chain if s["step"] != "adaptive"]
+                expected = [s for s in run["chain"] if s["step"] != "adaptive"]
+                assert chain == expected, where
+            else:
+                assert out.chain == run["chain"], where
+            np.testing.assert_array_equal(out.mask, golden[f"{where}/mask"], err_msg=where)
+            assert out.quality == pytest.approx(run["quality"], abs=5e-5), where
+            scores = "affinity" if params.method == "affinity" else "adaptive"
+            for c, attention in out.attention.items():
+                old = golden[f"{name}/{scores}/attention/{c}"].astype(np.float32)
+                np.testing.assert_allclose(downsample(attention, 64), old, atol=5e-4)
+            checked += 1
+        stored = {c: golden[f"{name}/stored/{c}"] for c in case["classes"]}
+        spec = case["rethreshold"]
+        mask, quality, chain = rethreshold(
+            stored, ids, spec["threshold"], spec["band"], spec["min_area"], size=size
+        )
+        np.testing.assert_array_equal(mask, golden[f"{name}/rethreshold/mask"])
+        assert quality == pytest.approx(spec["quality"], abs=5e-5)
+        assert chain == spec["chain"]
+    assert checked >= 28 and flat <= 4
+
+
+@pytest.mark.parametrize(("source", "target"), [(64, 512), (8, 512), (16, 64), (64, 32), (32, 8)])
+def test_resize_is_pytorch_bicubic(source, target):
+    maps = torch.rand(2, 3, source, source, generator=torch.Generator().manual_seed(source))
+    expected = F.interpolate(maps, size=(target, target), mode="bicubic", align_corners=False)
+    np.testing.assert_allclose(resize(maps, (target, target)), expected, atol=2e-6)
+
+
+def test_levels_below_counts_exactly_at_the_levels():
+    levels = gamma_sweep(0.35, 0.54, 0.01)
+    edges = levels.astype(np.float32)
+    near = np.concatenate(
+        [edges, np.nextafter(edges, np.float32(0)), np.nextafter(edges, np.float32(1))]
+    )
+    scores = np.concatenate([near, np.random.default_rng(0).random(10_000, np.float32)])
+    expected = (scores[:, None].astype(np.float64) >= levels[None]).sum(axis=1)
+    got = levels_below(torch.from_numpy(scores), levels)
+    np.testing.assert_array_equal(got.numpy(), expected)
+    uneven = np.array([0.1, 0.3, 0.35, 0.9])  # counted by binary search
+    got = levels_below(torch.from_numpy(scores), uneven)
+    np.testing.assert_array_equal(got.numpy(), (scores[:, None] >= uneven[None]).sum(axis=1))
+
+
+def test_adaptive_sweep_equals_cutting_at_every_level():
+    """The one-histogram sweep against cutting and scoring each level in turn (what the
+    numpy code did), with up to five classes and a shared id."""
+    rng = np.random.default_rng(3)
+    scores = torch.from_numpy(rng.random((2, 5, 24, 24), np.float32))
+    classes = [[1, 2, 3, 4, 5], [1, 2, 2]]  # image 1: classes 2 and 3 share a label
+    labels = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 2, 0, 0]], dtype=torch.uint8)
+    scores[1, 3:] = 0  # padding
+    reference = torch.from_numpy(rng.integers(0, 6, (2, 24, 24)).astype(np.uint8))
+    reference[1] = reference[1] % 3
+    levels = gamma_sweep(0.2, 0.8, 0.05)
+    chosen, agreements = adaptive_threshold(scores, labels, reference, levels, classes)
+    for i, image_classes in enumerate(classes):
+        expected = []
+        for level in levels:
+            mask = np.asarray(label(scores[i], labels[i], float(level)))
+            ref = np.asarray(reference[i])
+            ious = [iou(mask == c, ref == c) for c in [0, *image_classes]]
+            expected.append(float(np.mean(ious)))
+        top = int(np.argmax(expected))
+        assert chosen[i] == float(levels[top]) and agreements[i] == expected[top]
+
+
+def batch_inputs(images=3):
+    rng = np.random.default_rng(1)
+    maps, affinities = [], []
+    for i in range(images):
+        bird = disc((20 + 5 * i, 24), 11)
+        dog = square((34, 20 + 4 * i), 20)
+        names = {"bird": bird, "dog": dog} if i != 1 else {"dog": dog}  # 2, 1, 2 classes
+        maps.append({n: multires(m, rng) for n, m in names.items()})
+        affinities.append(affinity_from_regions(bird * 1 + dog * 2, 16, rng))
+    return maps, np.stack(affinities)
+
+
+@pytest.mark.parametrize("method", ["threshold", "adaptive", "affinity"])
+def test_batched_equals_per_image(method):
+    maps, affinity = batch_inputs()
+    params = Refinement(method=method, min_area=0.01)
+    ids = {"bird": 3, "dog": 12}
+    together = refine_batch(maps, ids, SIZE, params, affinity, (16, 16), chunk=len(maps))
+    alone = [refine(m, ids, SIZE, params, a, (16, 16)) for m, a in zip(maps, affinity, strict=True)]
+    for a, b in zip(together, alone, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.chain == b.chain and a.quality == pytest.approx(b.quality, abs=2e-6)
+        assert list(a.attention) == list(b.attention)
+        for name in a.attention:
+            np.testing.assert_allclose(a.attention[name], b.attention[name], atol=1e-6)
+    assert list(together[1].attention) == ["dog"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_refinement_matches_the_cpu():
+    maps, affinity = batch_inputs()
+    ids = {"bird": 3, "dog": 12}
+    cpu = refine_batch(maps, ids, (512, 512), Refinement(), affinity, (16, 16))
+    cuda = refine_batch(maps, ids, (512, 512), Refinement(), affinity, (16, 16), device="cuda")
+    for a, b in zip(cpu, cuda, strict=True):
+        assert (a.mask != b.mask).mean() < 1e-3
+        assert a.quality == pytest.approx(b.quality, abs=1e-3)
+
+
+def test_class_ids_must_be_mask_values():
+    rng = np.random.default_rng(0)
+    with pytest.raises(DiffuMaskError, match=r"class 'bird' has id 300; class ids are mask"):
+        refine(
+            {"bird": multires(disc((32, 32), 9), rng)}, {"bird": 300}, SIZE, Refinement("threshold")
+        )
+    with pytest.raises(DiffuMaskError, match=r"class\(es\) \['bird'\] have no id"):
+        refine(
+            {"bird": multires(disc((32, 32), 9), rng)}, {"dog": 1}, SIZE, Refinement("threshold")
+        )
+
+
+def test_class_maps_of_a_batch_share_their_sizes():
+    rng = np.random.default_rng(0)
+    maps = {"bird": multires(disc((32, 32), 9), rng), "dog": {(16, 16): np.ones((16, 16))}}
+    with pytest.raises(DiffuMaskError, match=r"at different sizes \[\(\(16, 16\),\), "):
+        refine(maps, {"bird": 1, "dog": 2}, SIZE, Refinement("threshold"))
