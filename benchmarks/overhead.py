@@ -32,49 +32,10 @@ CLASSES = [["bird"], ["dog"]]
 def sd15_pipeline():
     """The Stable Diffusion 1.5 architecture (UNet, VAE, CLIP ViT-L text encoder) with
     random weights built from its configuration: realistic cost, no download."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_overhead import sd15_pipeline as build
 
-    from diffumask_datasets.models import _scheduler, clip_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            max_position_embeddings=77,
-            vocab_size=49408,
-            hidden_act="quick_gelu",
-        )
-    )
-    return StableDiffusionPipeline(
-        unet=unet.eval(),
-        vae=vae.eval(),
-        text_encoder=text.eval(),
-        tokenizer=clip_tokenizer(),
-        scheduler=_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return build("cpu", torch.float32)
 
 
 def engine(config: str, device: str, dtype: str | None) -> DiffuMask:
