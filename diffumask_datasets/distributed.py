@@ -1,0 +1,370 @@
+"""Generation on Ray: N model workers, whole shards each, one driver.
+
+    build_dataset("out/voc", "voc", config, workers=2)                 # a local Ray
+    build_dataset("/shared/voc", "voc", config, ray_address="auto")    # a running cluster
+
+The driver (the calling process) has written the manifest already (build.prepare). It
+claims the unfinished shards, hands their ids to `ShardWorker` actors, and records each
+shard's digest in digests.json as its (shard, digest) comes back. A worker loads the model
+once, then generates a whole shard, writes it under a temporary name unique to its host
+and process and renames it into the shared output folder itself: no image travels through
+Ray's object store. A worker whose process dies is restarted and its shard given to it
+again (max_restarts=-1, max_task_retries=-1), so a shard may be made twice; both makings
+give the same bytes and each rename is atomic, so whichever lands last changes nothing.
+
+Workers run torch on OMP_NUM_THREADS threads as the driver sees it (1 when unset) and
+reserve that many CPUs: the store is the same, byte for byte, as one process makes with
+that thread count on the same kind of machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from diffumask_datasets.build import EngineHolder, GenerationConfig, make_shard, plan_for
+from diffumask_datasets.definitions import Definition
+from diffumask_datasets.errors import DiffuMaskError, one_line
+from diffumask_datasets.store import MANIFEST, Digest, Store, file_digest, open_store
+
+RAY_MISSING = 'Ray is not installed: pip install "diffumask-datasets[ray]"'
+# Test-only: "exit:K:MARKER" makes a worker os._exit on its first attempt at shard K (the
+# first attempt creates MARKER); "raise:K" makes it raise on shard K.
+FAULT_ENV = "DIFFUMASK_TEST_FAULT"
+# After this long with no worker started, the driver says what it is waiting for.
+START_NOTICE_S = 60.0
+
+
+def require_ray() -> Any:
+    """The ray module, or a DiffuMaskError naming the extra to install."""
+    try:
+        import ray
+    except ImportError:
+        raise DiffuMaskError(RAY_MISSING) from None
+    return ray
+
+
+def check_options(workers: int | None, gpus_per_worker: float | None) -> None:
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)):
+        raise DiffuMaskError(f"workers={workers!r} must be a positive integer, e.g. 2")
+    if workers is not None and workers < 1:
+        raise DiffuMaskError(f"workers={workers} must be at least 1, e.g. 2")
+    if gpus_per_worker is not None and not 0 <= gpus_per_worker:
+        raise DiffuMaskError(
+            f"gpus_per_worker={gpus_per_worker} must be 0 or more (0.5: two workers per GPU)"
+        )
+
+
+def worker_threads() -> int:
+    """Torch CPU threads per worker: OMP_NUM_THREADS, 1 when unset."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip() or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise DiffuMaskError(f"OMP_NUM_THREADS={value!r} must be a positive integer, e.g. 1")
+    return int(value)
+
+
+def host() -> str:
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+class ShardWorker:
+    """One model, many shards. Ray runs it as an actor (see run_on_ray); it is a plain
+    class so that its checks can be tried without Ray."""
+
+    def __init__(
+        self, store_dir: str, fingerprint: str, config: dict, threads: int, fault: str = ""
+    ):
+        self.store_dir = Path(store_dir)
+        self.fingerprint = fingerprint
+        self.config = GenerationConfig(**config)
+        self.threads = threads
+        self.fault = fault
+        self._ready: tuple[Store, list, Definition, EngineHolder] | None = None
+
+    def setup(self) -> str:
+        """Check the output folder, load the model; returns where this worker runs."""
+        if self._ready is None:
+            store = self._open_shared_store()
+            import torch
+
+            torch.set_num_threads(self.threads)
+            definition = store.definition
+            holder = EngineHolder(self.config)
+            holder()  # the model, loaded once per worker process
+            self._ready = (store, plan_for(definition, self.config), definition, holder)
+        return host()
+
+    def _open_shared_store(self) -> Store:
+        manifest = self.store_dir / MANIFEST
+        shared = "it must be on a filesystem all workers see, at the same path (NFS, shared mount)"
+        if not manifest.is_file():
+            raise DiffuMaskError(
+                f"worker on {socket.gethostname()} cannot see the output folder "
+                f"{str(self.store_dir)!r} (no {MANIFEST} there): {shared}"
+            )
+        store = open_store(self.store_dir, allow_incomplete=True)
+        if store.fingerprint != self.fingerprint:
+            raise DiffuMaskError(
+                f"worker on {socket.gethostname()} sees another dataset at "
+                f"{str(self.store_dir)!r} than the driver does: {shared}"
+            )
+        store.record_digests = False  # the driver records what this worker returns
+        return store
+
+    def make(self, shard: int) -> tuple[int, str, int]:
+        """Generate and write shard `shard`; returns (shard, sha256, size in bytes)."""
+        self.setup()
+        store, plan, definition, holder = self._ready
+        records = make_shard(store, shard, plan, definition, self.config, holder)
+        for position, _ in enumerate(records):
+            if position == 0:
+                self._fault(shard)
+        digest = store.written.get(shard) or file_digest(store.shard_path(shard))
+        return shard, digest.sha256, digest.size
+
+    def _fault(self, shard: int) -> None:
+        if not self.fault:
+            return
+        kind, _, rest = self.fault.partition(":")
+        target, _, marker = rest.partition(":")
+        if int(target) != shard:
+            return
+        if kind == "raise":
+            raise RuntimeError(f"test fault on shard {shard}")
+        if kind == "exit" and not os.path.exists(marker):
+            Path(marker).write_text(host())
+            os._exit(1)
+
+
+def run_on_ray(
+    store: Store,
+    definition: Definition,
+    config: GenerationConfig,
+    workers: int | None = None,
+    address: str | None = None,
+    gpus_per_worker: float | None = None,
+    progress: bool = True,
+) -> None:
+    """Make the missing shards of `store` on Ray workers (see the module doc)."""
+    ray = require_ray()
+    check_options(workers, gpus_per_worker)
+    threads = worker_threads()
+    started = _connect(ray, address, workers, threads)
+    try:
+        if gpus_per_worker is None:
+            has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+            gpus_per_worker = 1.0 if has_gpus and config.device != "cpu" else 0.0
+        count = workers or _default_workers(ray, gpus_per_worker, threads)
+        options = dict(
+            num_cpus=threads, num_gpus=gpus_per_worker, max_restarts=-1, max_task_retries=-1
+        )
+        args = (str(store.path), store.fingerprint, config.to_dict(), threads)
+        fault = os.environ.get(FAULT_ENV, "")
+        with _Pool(ray, count, options, (*args, fault)) as pool:
+            # First every free shard; then the shards other processes were making, once
+            # they let go of them (made, or left unmade by a process that died).
+            for blocking in (False, True):
+                missing = [k for k in range(store.num_shards) if not store.has_shard(k)]
+                if missing:
+                    pool.run(store, missing, definition.name, progress, blocking)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _connect(ray: Any, address: str | None, workers: int | None, threads: int) -> bool:
+    """Join the cluster at `address`, or start a local one; True when this started it."""
+    if ray.is_initialized():
+        return False
+    quiet = dict(log_to_driver=False, logging_level="WARNING")
+    if address is None:
+        cpus = max(os.cpu_count() or 1, (workers or 1) * threads)
+        ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
+        return True
+    try:
+        ray.init(address=address, **quiet)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise DiffuMaskError(
+            f"cannot join the Ray cluster at {address!r} ({one_line(exc)[:200]}); "
+            "start one with `ray start --head` (then --ray auto on that machine), or leave "
+            "--ray out to run on this machine"
+        ) from None
+    return True
+
+
+def _default_workers(ray: Any, gpus_per_worker: float, threads: int) -> int:
+    """One worker per GPU (per 1/gpus_per_worker of one) where there are GPUs, else one
+    per `threads` CPUs."""
+    resources = ray.cluster_resources()
+    if gpus_per_worker > 0:
+        return max(1, int(resources.get("GPU", 0) / gpus_per_worker))
+    return max(1, int(resources.get("CPU", 1) // threads))
+
+
+class _Pool:
+    """The actors, and the loop that keeps each busy with one shard at a time."""
+
+    def __init__(self, ray: Any, count: int, options: dict, args: tuple):
+        self.ray, self.count, self.options, self.args = ray, count, options, args
+        self.actors: list[Any] = []
+        self.idle: list[Any] = []
+        self.ready = 0  # workers whose setup finished
+
+    def __enter__(self) -> _Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor, no_restart=True)
+
+    def _start(self, needed: int) -> dict:
+        """Start workers up to min(count, needed); their setup calls, to wait on."""
+        worker = self.ray.remote(**self.options)(ShardWorker)
+        pending = {}
+        while len(self.actors) < min(self.count, needed):
+            actor = worker.remote(*self.args)
+            self.actors.append(actor)
+            pending[actor.setup.remote()] = (actor, None)
+        return pending
+
+    def run(
+        self, store: Store, shards: list[int], name: str, progress: bool, blocking: bool
+    ) -> None:
+        """Make `shards` (those whose claim this process gets) on the workers."""
+        ray = self.ray
+        todo = deque(shards)
+        claims: dict[int, contextlib.ExitStack] = {}  # held while a shard is in flight
+
+        def hand_out(actor: Any) -> None:
+            while todo:
+                shard = todo.popleft()
+                claim = contextlib.ExitStack()
+                if claim.enter_context(store.claim(shard, blocking)) and not store.has_shard(shard):
+                    claims[shard] = claim
+                    pending[actor.make.remote(shard)] = (actor, shard)
+                    return
+                claim.close()  # made, or being made, by another process
+            self.idle.append(actor)
+
+        pending = self._start(len(shards))
+        bar = _ProgressBar(store, shards, name, self.count, self.ready, progress)
+        for actor in self.idle[:]:
+            self.idle.remove(actor)
+            hand_out(actor)
+        waiting_since = time.monotonic()
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=START_NOTICE_S)
+                if not ready:
+                    if not bar.started and time.monotonic() - waiting_since >= START_NOTICE_S:
+                        bar.note(_waiting_notice(ray, self.options))
+                    continue
+                ref = ready[0]
+                actor, shard = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    self._record_finished(store, pending)
+                    raise _worker_failure(exc, shard, store) from None
+                if shard is None:
+                    self.ready += 1
+                    bar.worker_started()
+                else:
+                    store.record_digest(shard, Digest(result[1], result[2]))
+                    claims.pop(shard).close()
+                    bar.shard_done(shard)
+                hand_out(actor)
+        finally:
+            for claim in claims.values():
+                claim.close()
+            bar.close()
+
+    def _record_finished(self, store: Store, pending: dict) -> None:
+        """Record the shards that finished while another one failed: they are kept."""
+        ready, _ = self.ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        for ref in ready:
+            _, shard = pending[ref]
+            if shard is None:
+                continue
+            with contextlib.suppress(self.ray.exceptions.RayError):
+                _, sha256, size = self.ray.get(ref)
+                store.record_digest(shard, Digest(sha256, size))
+
+
+def _worker_failure(exc: Exception, shard: int | None, store: Store) -> DiffuMaskError:
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, DiffuMaskError):
+        what = str(cause)
+    else:
+        text = str(cause).strip().splitlines()
+        what = f"{type(cause).__name__}: {text[-1] if text else ''}"
+    kept = len(store.complete_shards())
+    where = "while starting" if shard is None else f"on shard {shard}"
+    return DiffuMaskError(
+        f"a worker failed {where}: {one_line(what)}. The run stopped; {store.path} "
+        f"keeps its {kept} finished shards: fix the cause and run the same command with --resume"
+    )
+
+
+def _waiting_notice(ray: Any, options: dict) -> str:
+    free = ray.available_resources()
+    return (
+        f"no worker has started yet: each needs {options['num_cpus']} CPU and "
+        f"{options['num_gpus']} GPU; the cluster has {free.get('CPU', 0):g} CPU and "
+        f"{free.get('GPU', 0):g} GPU free"
+    )
+
+
+class _ProgressBar:
+    """One bar over all workers: images (rate, ETA) with shards and workers beside."""
+
+    def __init__(
+        self, store: Store, shards: list[int], name: str, workers: int, running: int, show: bool
+    ):
+        self.total_shards = store.num_shards
+        self.done_shards = self.total_shards - len(shards)
+        self.store = store
+        self.workers = workers
+        self.running = running
+        self.bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            done = sum(len(store.shard_range(k)) for k in store.complete_shards())
+            self.bar = tqdm(total=len(store), initial=done, desc=f"generating {name}", unit="image")
+            self._postfix()
+
+    @property
+    def started(self) -> bool:
+        return self.running > 0
+
+    def _postfix(self, refresh: bool = True) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(
+                f"shards {self.done_shards}/{self.total_shards}, "
+                f"workers {self.running}/{self.workers}",
+                refresh=refresh,
+            )
+
+    def worker_started(self) -> None:
+        self.running += 1
+        self._postfix()
+
+    def shard_done(self, shard: int) -> None:
+        self.done_shards += 1
+        if self.bar is not None:
+            self._postfix(refresh=False)
+            self.bar.update(len(self.store.shard_range(shard)))
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
