@@ -338,9 +338,10 @@ def build_dataset(
     """
     distributed = workers is not None or ray_address is not None
     if distributed:
-        from diffumask_datasets.distributed import require_ray
+        from diffumask_datasets.distributed import check_options, require_ray
 
         require_ray()  # before anything is written
+        check_options(workers, gpus_per_worker)
         if engine is not None:
             raise DiffuMaskError(
                 "engine= cannot be sent to Ray workers (each loads config.model itself); "
