@@ -24,6 +24,7 @@ import os
 import socket
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ RAY_MISSING = 'Ray is not installed: pip install "diffumask-datasets[ray]"'
 FAULT_ENV = "DIFFUMASK_TEST_FAULT"
 # After this long with no worker started, the driver says what it is waiting for.
 START_NOTICE_S = 60.0
+# How often the driver asks busy workers how far into their shard they are.
+POLL_S = 1.0
 
 
 def require_ray() -> Any:
@@ -85,6 +88,7 @@ class ShardWorker:
         self.threads = threads
         self.fault = fault
         self._ready: tuple[Store, list, Definition, EngineHolder] | None = None
+        self._progress = (-1, 0)  # (shard, images of it generated so far)
 
     def setup(self) -> str:
         """Check the output folder, load the model; returns where this worker runs."""
@@ -122,10 +126,16 @@ class ShardWorker:
         store, plan, definition, holder = self._ready
         records = make_shard(store, shard, plan, definition, self.config, holder)
         for position, _ in enumerate(records):
+            self._progress = (shard, position + 1)
             if position == 0:
                 self._fault(shard)
         digest = store.written.get(shard) or file_digest(store.shard_path(shard))
         return shard, digest.sha256, digest.size
+
+    def progress(self) -> tuple[int, int]:
+        """(shard, images generated of it); answered while `make` runs (the actor has a
+        second thread for it)."""
+        return self._progress
 
     def _fault(self, shard: int) -> None:
         if not self.fault:
@@ -149,19 +159,25 @@ def run_on_ray(
     address: str | None = None,
     gpus_per_worker: float | None = None,
     progress: bool = True,
-) -> None:
-    """Make the missing shards of `store` on Ray workers (see the module doc)."""
+) -> Timeline:
+    """Make the missing shards of `store` on Ray workers (see the module doc); returns
+    when each worker became ready and each shard finished (benchmarks/scaling.py)."""
     ray = require_ray()
     check_options(workers, gpus_per_worker)
     threads = worker_threads()
     started = _connect(ray, address, workers, threads)
     try:
+        resources = ray.cluster_resources()
         if gpus_per_worker is None:
-            has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-            gpus_per_worker = 1.0 if has_gpus and config.device != "cpu" else 0.0
-        count = workers or _default_workers(ray, gpus_per_worker, threads)
+            gpus = 0.0 if config.device == "cpu" else resources.get("GPU", 0.0)
+            gpus_per_worker = default_gpus_per_worker(gpus, workers)
+        count = workers or default_workers(resources, gpus_per_worker, threads)
         options = dict(
-            num_cpus=threads, num_gpus=gpus_per_worker, max_restarts=-1, max_task_retries=-1
+            num_cpus=threads,
+            num_gpus=gpus_per_worker,
+            max_restarts=-1,
+            max_task_retries=-1,
+            max_concurrency=2,  # `progress` answers while `make` runs
         )
         args = (str(store.path), store.fingerprint, config.to_dict(), threads)
         fault = os.environ.get(FAULT_ENV, "")
@@ -172,6 +188,7 @@ def run_on_ray(
                 missing = [k for k in range(store.num_shards) if not store.has_shard(k)]
                 if missing:
                     pool.run(store, missing, definition.name, progress, blocking)
+        return pool.timeline
     finally:
         if started:
             ray.shutdown()
@@ -197,13 +214,30 @@ def _connect(ray: Any, address: str | None, workers: int | None, threads: int) -
     return True
 
 
-def _default_workers(ray: Any, gpus_per_worker: float, threads: int) -> int:
-    """One worker per GPU (per 1/gpus_per_worker of one) where there are GPUs, else one
-    per `threads` CPUs."""
-    resources = ray.cluster_resources()
+def default_gpus_per_worker(gpus: float, workers: int | None) -> float:
+    """One GPU each where there are GPUs, an equal share where more workers than GPUs were
+    asked for, none without GPUs."""
+    if not gpus:
+        return 0.0
+    return min(1.0, gpus / workers) if workers else 1.0
+
+
+def default_workers(resources: dict, gpus_per_worker: float, threads: int) -> int:
+    """As many workers as the cluster holds: per GPU (or share of one) where workers take
+    GPUs, else per `threads` CPUs."""
     if gpus_per_worker > 0:
         return max(1, int(resources.get("GPU", 0) / gpus_per_worker))
     return max(1, int(resources.get("CPU", 1) // threads))
+
+
+@dataclass
+class Timeline:
+    """time.monotonic() stamps of a run: its start, each worker's end of setup (model
+    loaded), and each shard's arrival as (worker number, shard, time)."""
+
+    started: float = field(default_factory=time.monotonic)
+    ready: list[float] = field(default_factory=list)
+    finished: list[tuple[int, int, float]] = field(default_factory=list)
 
 
 class _Pool:
@@ -214,6 +248,7 @@ class _Pool:
         self.actors: list[Any] = []
         self.idle: list[Any] = []
         self.ready = 0  # workers whose setup finished
+        self.timeline = Timeline()
 
     def __enter__(self) -> _Pool:
         return self
@@ -252,17 +287,22 @@ class _Pool:
             self.idle.append(actor)
 
         pending = self._start(len(shards))
-        bar = _ProgressBar(store, shards, name, self.count, self.ready, progress)
+        bar = _ProgressBar(store, shards, name, len(self.actors), self.ready, progress)
         for actor in self.idle[:]:
             self.idle.remove(actor)
             hand_out(actor)
-        waiting_since = time.monotonic()
+        waiting_since = polled = time.monotonic()
         try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=START_NOTICE_S)
+            # Until no shard is left: a worker still waiting for resources is not waited for.
+            while pending and (todo or any(shard is not None for _, shard in pending.values())):
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+                if progress and time.monotonic() - polled >= POLL_S:
+                    bar.partial(self._poll(pending))
+                    polled = time.monotonic()
                 if not ready:
                     if not bar.started and time.monotonic() - waiting_since >= START_NOTICE_S:
                         bar.note(_waiting_notice(ray, self.options))
+                        waiting_since = float("inf")  # said once
                     continue
                 ref = ready[0]
                 actor, shard = pending.pop(ref)
@@ -273,9 +313,12 @@ class _Pool:
                     raise _worker_failure(exc, shard, store) from None
                 if shard is None:
                     self.ready += 1
+                    self.timeline.ready.append(time.monotonic())
                     bar.worker_started()
                 else:
                     store.record_digest(shard, Digest(result[1], result[2]))
+                    worker = self.actors.index(actor)
+                    self.timeline.finished.append((worker, shard, time.monotonic()))
                     claims.pop(shard).close()
                     bar.shard_done(shard)
                 hand_out(actor)
@@ -283,6 +326,20 @@ class _Pool:
             for claim in claims.values():
                 claim.close()
             bar.close()
+
+    def _poll(self, pending: dict) -> int:
+        """Images generated so far in the shards in flight (workers that do not answer
+        within a moment, e.g. while restarting, count as none)."""
+        asked = {
+            actor.progress.remote(): shard for actor, shard in pending.values() if shard is not None
+        }
+        answered, _ = self.ray.wait(list(asked), num_returns=len(asked), timeout=POLL_S)
+        images = 0
+        for ref in answered:
+            with contextlib.suppress(self.ray.exceptions.RayError):
+                shard, count = self.ray.get(ref)
+                images += count if shard == asked[ref] else 0
+        return images
 
     def _record_finished(self, store: Store, pending: dict) -> None:
         """Record the shards that finished while another one failed: they are kept."""
@@ -331,12 +388,15 @@ class _ProgressBar:
         self.store = store
         self.workers = workers
         self.running = running
+        self.done_images = sum(len(store.shard_range(k)) for k in store.complete_shards())
+        self.in_flight = 0  # images generated in shards not finished yet
         self.bar = None
         if show:
             from tqdm.auto import tqdm
 
-            done = sum(len(store.shard_range(k)) for k in store.complete_shards())
-            self.bar = tqdm(total=len(store), initial=done, desc=f"generating {name}", unit="image")
+            self.bar = tqdm(
+                total=len(store), initial=self.done_images, desc=f"generating {name}", unit="image"
+            )
             self._postfix()
 
     @property
@@ -357,9 +417,19 @@ class _ProgressBar:
 
     def shard_done(self, shard: int) -> None:
         self.done_shards += 1
+        self.done_images += len(self.store.shard_range(shard))
+        self.in_flight = 0  # until the next poll
+        self._postfix(refresh=False)
+        self._show()
+
+    def partial(self, in_flight: int) -> None:
+        self.in_flight = in_flight
+        self._show()
+
+    def _show(self) -> None:
         if self.bar is not None:
-            self._postfix(refresh=False)
-            self.bar.update(len(self.store.shard_range(shard)))
+            # never backwards: a shard counted in flight that just finished is not lost
+            self.bar.update(max(0, self.done_images + self.in_flight - self.bar.n))
 
     def note(self, text: str) -> None:
         if self.bar is not None:

@@ -17,7 +17,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray 2.60 writes ~/.ra
 ray = pytest.importorskip("ray")
 
 from diffumask_datasets.build import GenerationConfig, build_dataset  # noqa: E402
-from diffumask_datasets.distributed import FAULT_ENV, ShardWorker  # noqa: E402
+from diffumask_datasets.distributed import (  # noqa: E402
+    FAULT_ENV,
+    ShardWorker,
+    default_gpus_per_worker,
+    default_workers,
+)
 from diffumask_datasets.errors import DiffuMaskError  # noqa: E402
 from diffumask_datasets.store import file_digest, open_store  # noqa: E402
 
@@ -99,6 +104,15 @@ def test_a_worker_that_cannot_see_the_output_folder_says_so(tmp_path):
     worker = ShardWorker(str(tmp_path / "elsewhere"), "0" * 64, CONFIG.to_dict(), threads=1)
     with pytest.raises(DiffuMaskError, match="cannot see the output folder.*all workers see"):
         worker.setup()
+
+
+def test_workers_and_gpus_default_to_what_the_cluster_holds():
+    assert default_gpus_per_worker(0, 2) == 0 and default_gpus_per_worker(0, None) == 0
+    assert default_gpus_per_worker(4, None) == 1 and default_gpus_per_worker(4, 2) == 1
+    assert default_gpus_per_worker(1, 2) == 0.5  # two workers asked for on one GPU share it
+    assert default_workers({"CPU": 16, "GPU": 4}, 1.0, threads=1) == 4
+    assert default_workers({"CPU": 16, "GPU": 1}, 0.5, threads=1) == 2
+    assert default_workers({"CPU": 16}, 0.0, threads=4) == 4
 
 
 def test_bad_worker_options_are_named(tmp_path):
