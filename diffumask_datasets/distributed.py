@@ -179,9 +179,12 @@ def run_on_ray(
             max_task_retries=-1,
             max_concurrency=2,  # `progress` answers while `make` runs
         )
-        args = (str(store.path), store.fingerprint, config.to_dict(), threads)
+        # absolute: a worker runs in another folder (and maybe on another machine)
+        args = (str(store.path.resolve()), store.fingerprint, config.to_dict(), threads)
         fault = os.environ.get(FAULT_ENV, "")
-        with _Pool(ray, count, options, (*args, fault)) as pool:
+        # Actors end with the driver's connection (ray.shutdown below); in a Ray instance
+        # the caller started, they are killed (with a notice from Ray for a busy one).
+        with _Pool(ray, count, options, (*args, fault), kill=not started) as pool:
             # First every free shard; then the shards other processes were making, once
             # they let go of them (made, or left unmade by a process that died).
             for blocking in (False, True):
@@ -243,8 +246,9 @@ class Timeline:
 class _Pool:
     """The actors, and the loop that keeps each busy with one shard at a time."""
 
-    def __init__(self, ray: Any, count: int, options: dict, args: tuple):
+    def __init__(self, ray: Any, count: int, options: dict, args: tuple, kill: bool):
         self.ray, self.count, self.options, self.args = ray, count, options, args
+        self.kill = kill
         self.actors: list[Any] = []
         self.idle: list[Any] = []
         self.ready = 0  # workers whose setup finished
@@ -254,8 +258,9 @@ class _Pool:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for actor in self.actors:
-            self.ray.kill(actor, no_restart=True)
+        if self.kill:
+            for actor in self.actors:
+                self.ray.kill(actor, no_restart=True)
 
     def _start(self, needed: int) -> dict:
         """Start workers up to min(count, needed); their setup calls, to wait on."""

@@ -70,8 +70,9 @@ def one_process(tmp_path_factory) -> dict[str, str]:
     return store_files(out)
 
 
-def test_two_workers_give_the_bytes_of_one_process(one_process, tmp_path):
-    store = build_dataset(tmp_path / "two", "voc", CONFIG, progress=False, workers=2)
+def test_two_workers_give_the_bytes_of_one_process(one_process, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out: the workers run in another folder
+    store = build_dataset("two", "voc", CONFIG, progress=False, workers=2)
     assert store_files(store.path) == one_process
     assert "digests.json" in one_process and len(one_process) == 4 + 5 + 3  # data, locks, rest
 
@@ -123,6 +124,8 @@ def test_bad_worker_options_are_named(tmp_path):
         build_dataset(out, "voc", CONFIG, workers=1, gpus_per_worker=-1)
     with pytest.raises(DiffuMaskError, match="gpus_per_worker=0.5 needs workers=N"):
         build_dataset(out, "voc", CONFIG, gpus_per_worker=0.5)
+    with pytest.raises(DiffuMaskError, match="engine= cannot be sent to Ray workers"):
+        build_dataset(out, "voc", CONFIG, workers=2, engine=object())
     assert not out.exists()
 
 
