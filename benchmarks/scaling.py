@@ -4,7 +4,9 @@ Runs alternate (1, 2, then 2, 1, ...) in one Ray instance; each makes a fresh st
 rate counts only the time after a worker has loaded its model: per worker, the shards it
 finished after its first one, over the time between its first and last; the workers'
 rates add up. Start-up is reported apart: ray.init, then each run's time until every
-worker has loaded its model.
+worker has loaded its model. On a machine shared with other work the wall-clock rates
+depend on the CPU the others leave; images per CPU second of the workers (read from
+/proc, Linux) do not, and say whether two workers are as efficient as one.
 
     python benchmarks/scaling.py                                  # tiny model, CPU workers
     python benchmarks/scaling.py --model sd15 --device cuda --dtype float16 \\
@@ -23,6 +25,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +58,56 @@ def steady_rate(timeline, shard_size: int) -> float:
     return rate
 
 
+class CpuSampler:
+    """CPU seconds of this machine's Ray shard workers, sampled in a thread: on a machine
+    shared with other work, images per CPU second is the figure the others' load does not
+    move (a worker that gets half a core is as efficient as one that gets a whole one)."""
+
+    def __init__(self, every: float = 0.2):
+        self.every = every
+        self.samples: dict[int, list[tuple[float, float]]] = {}  # pid -> (time, cpu s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while not self._stop.wait(self.every):
+            now = time.monotonic()
+            for proc in Path("/proc").glob("[0-9]*"):
+                try:
+                    if b"ShardWorker" not in (proc / "cmdline").read_bytes():
+                        continue
+                    fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+                self.samples.setdefault(int(proc.name), []).append((now, cpu))
+
+    def cpu_at(self, pid: int, at: float) -> float:
+        """The process's CPU seconds at the sample nearest to `at`."""
+        return min(self.samples.get(pid, [(at, 0.0)]), key=lambda s: abs(s[0] - at))[1]
+
+
+def images_per_cpu_second(timeline, sampler: CpuSampler, shard_size: int) -> float:
+    """Per worker, the shards after its first over the CPU time it used meanwhile."""
+    images = cpu = 0.0
+    for worker, where in timeline.hosts.items():
+        times = [at for w, _, at in timeline.finished if w == worker]
+        pid = int(where.rsplit(" ", 1)[1])
+        if len(times) >= 2:
+            images += shard_size * (len(times) - 1)
+            cpu += sampler.cpu_at(pid, max(times)) - sampler.cpu_at(pid, min(times))
+    return images / cpu if cpu else float("nan")
+
+
 def one_run(root: Path, workers: int, args: argparse.Namespace) -> dict:
     from diffumask_datasets.build import GenerationConfig, prepare
     from diffumask_datasets.distributed import run_on_ray
@@ -74,18 +127,20 @@ def one_run(root: Path, workers: int, args: argparse.Namespace) -> dict:
     out = Path(tempfile.mkdtemp(dir=root)) / f"w{workers}"
     store, _, definition, config = prepare(out, "voc", config, resume=False)
     started = time.monotonic()
-    timeline = run_on_ray(
-        store,
-        definition,
-        config,
-        workers=workers,
-        gpus_per_worker=args.gpus_per_worker,
-        progress=False,
-    )
+    with CpuSampler() as sampler:
+        timeline = run_on_ray(
+            store,
+            definition,
+            config,
+            workers=workers,
+            gpus_per_worker=args.gpus_per_worker,
+            progress=False,
+        )
     total = time.monotonic() - started
     return {
         "workers": workers,
         "images_per_s": steady_rate(timeline, args.shard_size),
+        "images_per_cpu_s": images_per_cpu_second(timeline, sampler, args.shard_size),
         "start_s": max(timeline.ready) - timeline.started,
         "wall_s": total,
         "images": len(store),
@@ -146,6 +201,12 @@ def main() -> None:
                 "images_per_s": {1: round(one, 3), 2: round(two, 3)},
                 "speedup": round(two / one, 3),
                 "scaling_efficiency": round(two / (2 * one), 3),
+                # per CPU second of the workers: 2 workers as efficient as 1 means 2x on two
+                # free cores (only the wall-clock figures above count the cores obtained)
+                "images_per_cpu_s": {w: round(median(w, "images_per_cpu_s"), 3) for w in (1, 2)},
+                "cpu_efficiency_2_vs_1": round(
+                    median(2, "images_per_cpu_s") / median(1, "images_per_cpu_s"), 3
+                ),
             },
             indent=2,
         )

@@ -236,11 +236,13 @@ def default_workers(resources: dict, gpus_per_worker: float, threads: int) -> in
 @dataclass
 class Timeline:
     """time.monotonic() stamps of a run: its start, each worker's end of setup (model
-    loaded), and each shard's arrival as (worker number, shard, time)."""
+    loaded), and each shard's arrival as (worker number, shard, time); where each worker
+    runs ("host pid N", by worker number)."""
 
     started: float = field(default_factory=time.monotonic)
     ready: list[float] = field(default_factory=list)
     finished: list[tuple[int, int, float]] = field(default_factory=list)
+    hosts: dict[int, str] = field(default_factory=dict)
 
 
 class _Pool:
@@ -319,6 +321,7 @@ class _Pool:
                 if shard is None:
                     self.ready += 1
                     self.timeline.ready.append(time.monotonic())
+                    self.timeline.hosts[self.actors.index(actor)] = result
                     bar.worker_started()
                 else:
                     store.record_digest(shard, Digest(result[1], result[2]))
