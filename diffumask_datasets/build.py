@@ -182,6 +182,7 @@ def prepare(
     )
     store = create_store(out_dir, manifest, resume=resume)
     if resume:
+        store.remove_stale_temporaries()
         for check in store.discard_corrupt_shards():
             warnings.warn(f"{check.describe()}; regenerating it", CorruptShardWarning, stacklevel=3)
     return store, plan, definition, config

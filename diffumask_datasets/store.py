@@ -249,6 +249,26 @@ def _writer_tag() -> str:
     return f"{socket.gethostname()}.{os.getpid()}"
 
 
+def _writer_gone(tag: str) -> bool:
+    """True when the writer `_writer_tag()` named ran on this host and its process has
+    ended (a zombie counts as ended); a writer on another host is never judged."""
+    host, _, pid = tag.rpartition(".")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state == "Z"
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{_writer_tag()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
@@ -500,6 +520,17 @@ class Store:
 
             shards = tqdm(shards, desc="verifying", unit="shard")
         return [self.check_shard(k, digests.get(k)) for k in shards]
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary shard files of writers on this host that died mid-write
+        (kill -9, a killed Ray worker); returns them."""
+        removed = []
+        for tmp in (self.path / WORK_DIR).glob("*.parquet.*.tmp"):
+            tag = tmp.name[: -len(".tmp")].split(".parquet.", 1)[1]
+            if _writer_gone(tag):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+        return removed
 
     def discard_corrupt_shards(self) -> list[ShardCheck]:
         """Delete the shards whose bytes no longer match their digest (or that cannot be

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,9 @@ def test_driver_killed_then_resumed_without_ray_gives_the_clean_bytes(tmp_path):
     )
     assert code == -signal.SIGKILL, stderr
     assert 2 <= len(shards()) < 8
+    # A worker killed with the driver may have left a half-written temporary file; once
+    # its process is gone, --resume removes it.
+    wait_for_writers_to_end(out / ".work")
     damaged = shards()[0]
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -159,7 +163,21 @@ def test_driver_killed_then_resumed_without_ray_gives_the_clean_bytes(tmp_path):
     assert final.exit_code == 0, final.output
     assert f"diffumask: warning: shard {int(damaged.name[6:11])} ({damaged.name})" in final.stderr
     assert "regenerating it" in final.stderr
-    assert store_files(out) == store_files(clean)
+    assert store_files(out) == store_files(clean)  # temporary files of dead writers gone
+
+
+def wait_for_writers_to_end(work: Path, timeout: float = 60) -> None:
+    """Until no process named in a temporary shard file's name lives (Ray stops the
+    workers of a killed driver within seconds)."""
+    from diffumask_datasets.store import _writer_gone
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tags = [t.name[: -len(".tmp")].split(".parquet.", 1)[1] for t in work.glob("*.tmp")]
+        if all(_writer_gone(tag) for tag in tags):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"writers of {list(work.glob('*.tmp'))} still alive")
 
 
 if __name__ == "__main__":

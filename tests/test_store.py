@@ -239,6 +239,26 @@ def test_a_store_without_digests_opens_and_gets_them_on_resume(built, tmp_path):
     assert (copy / DIGESTS).read_text() == expected
 
 
+def test_resume_removes_only_the_temporary_files_of_dead_writers(built, tmp_path):
+    import socket
+
+    copy = copy_store(built, tmp_path / "tmps")
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    host, name = socket.gethostname(), "train-00001-of-00003.parquet"
+    dead = copy / ".work" / f"{name}.{host}.{ended.stdout.strip()}.tmp"
+    alive = copy / ".work" / f"{name}.{host}.{os.getpid()}.tmp"
+    elsewhere = copy / ".work" / f"{name}.other-machine.1.tmp"
+    for tmp in (dead, alive, elsewhere):
+        tmp.write_bytes(b"half a shard")
+    build_dataset(copy, "voc", config(), resume=True, progress=False, engine=NoEngine())
+    assert not dead.exists() and alive.exists() and elsewhere.exists()
+
+
 def test_an_unreadable_digest_file_is_named(built, tmp_path):
     copy = copy_store(built, tmp_path / "bad")
     (copy / DIGESTS).write_text("{ torn")
