@@ -370,6 +370,7 @@ def build_dataset(
         )
     else:
         _build_here(store, plan, definition, config, engine, progress)
+    store.record_missing_digests()
     store = open_store(store.path)
     if not (store.path / "README.md").is_file():
         from diffumask_datasets.cards import write_card

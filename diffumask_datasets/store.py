@@ -534,9 +534,7 @@ class Store:
 
     def discard_corrupt_shards(self) -> list[ShardCheck]:
         """Delete the shards whose bytes no longer match their digest (or that cannot be
-        read), so that generation makes them again; record the digest of intact shards
-        that have none (a driver stopped between a worker's write and its record).
-        Returns the checks of the shards deleted."""
+        read), so that generation makes them again; returns their checks."""
         digests = self.digests()
         discarded = []
         for shard in self.complete_shards():
@@ -547,9 +545,16 @@ class Store:
                 if shard in digests:
                     self.record_digest(shard, None)
                 discarded.append(check)
-            elif shard not in digests and self.record_digests:
-                self.record_digest(shard, file_digest(self.shard_path(shard)))
         return discarded
+
+    def record_missing_digests(self) -> None:
+        """Record the digest of each readable shard that has none: one a distributed
+        worker renamed into place after its driver stopped listening (killed, or gone
+        before the worker finished)."""
+        digests = self.digests()
+        for shard in self.complete_shards():
+            if shard not in digests and self._footer_problem(shard) is None:
+                self.record_digest(shard, file_digest(self.shard_path(shard)))
 
     def shard_records(self, shard: int) -> Iterator[Record]:
         import pyarrow.parquet as pq
