@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,16 @@ def prepare(
         shard_size=config.shard_size,
         attention_size=config.attention_size,
     )
-    return create_store(out_dir, manifest, resume=resume), plan, definition, config
+    store = create_store(out_dir, manifest, resume=resume)
+    if resume:
+        store.remove_stale_temporaries()
+        for check in store.discard_corrupt_shards():
+            warnings.warn(f"{check.describe()}; regenerating it", CorruptShardWarning, stacklevel=3)
+    return store, plan, definition, config
+
+
+class CorruptShardWarning(UserWarning):
+    """A resumed generation found a shard that no longer matches its digest."""
 
 
 def check_model_available(model: str) -> None:
@@ -337,17 +347,75 @@ def build_dataset(
     resume: bool = False,
     progress: bool = True,
     engine: Any = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    gpus_per_worker: float | None = None,
 ) -> Store:
     """Generate the dataset `definition` x `config` into the store at `out_dir`.
 
-    resume=True continues a store made with the same settings (complete shards are kept)
+    resume=True continues a store made with the same settings (complete shards are kept,
+    a shard that no longer matches its digest is made again with a CorruptShardWarning)
     and refuses one made with other settings. Several processes may run this on one
     directory at once: they share the shards out through the store's locks. `engine`
     may be a ready DiffuMask (to reuse a loaded pipeline). Returns the complete store.
+
+    workers=N or ray_address ("auto", "ray://host:10001", "host:6379") runs the shards on
+    N Ray actors instead (see distributed.py): a local Ray instance when no address is
+    given, else the cluster there. gpus_per_worker (fractions allowed) defaults to 1 where
+    the cluster has GPUs, else 0. The store is the same, byte for byte, as this process
+    would make with the workers' thread count (OMP_NUM_THREADS, 1 when unset).
     """
+    distributed = workers is not None or ray_address is not None
+    if distributed:
+        from diffumask_datasets.distributed import check_options, require_ray
+
+        require_ray()  # before anything is written
+        check_options(workers, gpus_per_worker)
+        if engine is not None:
+            raise DiffuMaskError(
+                "engine= cannot be sent to Ray workers (each loads config.model itself); "
+                "leave engine out, or leave workers and ray_address out"
+            )
+    elif gpus_per_worker is not None:
+        raise DiffuMaskError(
+            f"gpus_per_worker={gpus_per_worker} needs workers=N or ray_address=...: it sizes "
+            "Ray workers"
+        )
     store, plan, definition, config = prepare(
         out_dir, definition, config or GenerationConfig(), resume
     )
+    if distributed:
+        from diffumask_datasets.distributed import run_on_ray
+
+        run_on_ray(
+            store,
+            definition,
+            config,
+            workers=workers,
+            address=ray_address,
+            gpus_per_worker=gpus_per_worker,
+            progress=progress,
+        )
+    else:
+        _build_here(store, plan, definition, config, engine, progress)
+    store.record_missing_digests()
+    store = open_store(store.path)
+    if not (store.path / "README.md").is_file():
+        from diffumask_datasets.cards import write_card
+
+        write_card(store)
+    return store
+
+
+def _build_here(
+    store: Store,
+    plan: Sequence[PlanItem],
+    definition: Definition,
+    config: GenerationConfig,
+    engine: Any,
+    progress: bool,
+) -> None:
+    """Make the missing shards in this process (see build_dataset)."""
     holder = EngineHolder(config, engine)
     bar = None
     if progress:
@@ -375,12 +443,6 @@ def build_dataset(
     finally:
         if bar is not None:
             bar.close()
-    store = open_store(store.path)
-    if not (store.path / "README.md").is_file():
-        from diffumask_datasets.cards import write_card
-
-        write_card(store)
-    return store
 
 
 def _batches(records: Iterator[Record]) -> Iterator[int]:

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import DiffuMaskError
+from .errors import DiffuMaskError, one_line
 
 PROG = "diffumask"
 IGNORE = 255  # the mask value for uncertain pixels (sample.IGNORE; not imported: numpy)
@@ -32,10 +33,6 @@ LAZY_COMMANDS = {
     "app": ("diffumask_datasets.fiftyone.commands", "app"),
     "plugin": ("diffumask_datasets.fiftyone.commands", "plugin"),
 }
-
-
-def one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def fail(message: object, code: int = 1) -> None:
@@ -174,6 +171,7 @@ Examples:
   {PROG} generate voc --model builtin:tiny-random --classes bird,dog \\
       --per-class 2 --steps 3 --size 64 --seed 0 --out out/voc-tiny
   {PROG} info out/voc-tiny
+  {PROG} verify out/voc-tiny
   {PROG} export out/voc-tiny --format voc --to out/voc-tiny-VOC
   {PROG} export out/voc-tiny --format coco --to out/voc-tiny-COCO
   {PROG} filter out/voc-tiny --min-quality 0.5 --to out/voc-tiny-good
@@ -203,10 +201,19 @@ Examples:
   {PROG} generate my_classes.yaml --model CompVis/stable-diffusion-v1-4 \\
       --device cuda --dtype float16 --per-class 500 --out out/mine
   {PROG} generate voc ... --out out/tiny --resume   # continue after a crash or Ctrl-C
+  {PROG} generate voc ... --workers 2 --out out/tiny   # 2 model workers (Ray)
+  {PROG} generate voc ... --ray auto --out /shared/voc # every GPU of a Ray cluster
 
 Options left out take the definition's defaults. With the same options and seed,
-the same samples come out, whatever the batch size and however often it is resumed.
+the same samples come out, whatever the batch size, the number of workers (each
+runs on OMP_NUM_THREADS CPU threads, 1 when unset) and however often it is resumed.
 """
+
+
+def _check_gpus(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and value < 0:
+        raise click.BadParameter(f"{value} is negative; e.g. 0.5 puts two workers on each GPU")
+    return value
 
 
 @main.command(epilog=GENERATE_EPILOG, short_help="Generate a dataset into a folder.")
@@ -243,6 +250,26 @@ the same samples come out, whatever the batch size and however often it is resum
     help="Folder for the dataset (the store). Must be empty or new unless --resume.",
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option(
+    "--workers",
+    type=int,
+    callback=_at_least_one(2),
+    help="Model workers on Ray (a local Ray instance unless --ray). Default with --ray: one "
+    "per GPU, else one per CPU.",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="auto|ADDRESS",
+    help="Run on the Ray cluster at ADDRESS (auto: the one this machine joined with `ray "
+    "start`). --out must be a folder every machine sees at the same path.",
+)
+@click.option(
+    "--gpus-per-worker",
+    type=float,
+    callback=_check_gpus,
+    help="GPUs each worker reserves (0.5: two per GPU). Default: 1 where there are GPUs.",
+)
 def generate(
     dataset: str,
     model: str | None,
@@ -256,10 +283,23 @@ def generate(
     dtype: str | None,
     out: Path,
     resume: bool,
+    workers: int | None,
+    ray_address: str | None,
+    gpus_per_worker: float | None,
 ) -> None:
     """Generate DATASET (a built-in definition name or a definition .yaml file) into --out."""
     from .definitions import load_definition
 
+    distributed = workers is not None or ray_address is not None
+    if gpus_per_worker is not None and not distributed:
+        raise click.BadParameter(
+            "--gpus-per-worker sizes Ray workers: add --workers N or --ray auto",
+            param_hint="'--gpus-per-worker'",
+        )
+    if distributed:
+        from .distributed import require_ray
+
+        require_ray()
     check_output_dir(out, resume)
     definition = load_definition(dataset)
     if classes is not None:
@@ -291,12 +331,31 @@ def generate(
     started = time.perf_counter()
     try:
         # The model loads before the store is created: a model that cannot be loaded
-        # (a typo, offline without a cached copy) fails with --out left untouched.
-        click.echo(f"loading {config.model} ...", err=True)
-        from .generate import DiffuMask
+        # (a typo, offline without a cached copy) fails with --out left untouched. Ray
+        # workers load their own copies: here it is only looked for.
+        engine = None
+        if distributed:
+            from .build import check_model_available
 
-        engine = DiffuMask(config.model, device=config.device, dtype=config.dtype)
-        store = build_dataset(out, definition, config, resume=resume, progress=True, engine=engine)
+            check_model_available(config.model)
+        else:
+            click.echo(f"loading {config.model} ...", err=True)
+            from .generate import DiffuMask
+
+            engine = DiffuMask(config.model, device=config.device, dtype=config.dtype)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            store = build_dataset(
+                out,
+                definition,
+                config,
+                resume=resume,
+                progress=True,
+                engine=engine,
+                workers=workers,
+                ray_address=ray_address,
+                gpus_per_worker=gpus_per_worker,
+            )
     except KeyboardInterrupt:
         fail(
             f"interrupted; {out} keeps every finished shard: run the same command "
@@ -307,6 +366,10 @@ def generate(
     click.echo(f"{len(store)} samples in {store.path} ({seconds:.1f} s)")
     click.echo(f"contact sheet (images with their masks): {write_contact_sheet(store)}")
     click.echo(f"next: {PROG} info {out}   |   {PROG} export {out} --format voc --to DEST")
+
+
+def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    click.echo(f"{PROG}: warning: {one_line(message)}", err=True)
 
 
 def write_contact_sheet(store: Any, limit: int = 32) -> Path:
@@ -449,6 +512,12 @@ def format_statistics(path: Path, stats: Mapping[str, Any], manifest: Mapping[st
     summary = "  ".join(f"{k} {manifest[k]}" for k in store_keys if k in manifest)
     if summary:
         lines.append(f"  store: {summary}")
+    shards = stats.get("shards")
+    if shards:
+        line = f"  shards: {shards['sha256_verified']} of {shards['total']} match their sha256"
+        if shards["no_digest"]:
+            line += f"; {shards['no_digest']} have no digest recorded (readable)"
+        lines.append(line)
     if "filter" in manifest:
         lines.append(f"  filtered: {json.dumps(manifest['filter'], default=str)}")
     config = manifest.get("config") or {}
@@ -475,8 +544,9 @@ Examples:
 def info(directory: Path, as_json: bool) -> None:
     """Counts and pixels per class, quality distribution and config of a dataset DIRECTORY."""
     store = open_dataset(directory)
+    stats = {"shards": shard_summary(store, store.verify())}
     records = _progress(store.records(), len(store), "reading")
-    stats = store_statistics(records, store.class_names)
+    stats.update(store_statistics(records, store.class_names))
     if as_json:
         click.echo(
             json.dumps(
@@ -487,6 +557,20 @@ def info(directory: Path, as_json: bool) -> None:
         )
     else:
         click.echo(format_statistics(Path(store.path), stats, store.manifest))
+
+
+def shard_summary(store: Any, checks: list[Any]) -> dict[str, Any]:
+    """Counts of intact shards; a DiffuMaskError listing the corrupt or missing ones."""
+    bad = [check for check in checks if not check.ok]
+    if bad:
+        listed = "; ".join(check.describe() for check in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DiffuMaskError(
+            f"{store.path}: {len(bad)} of {len(checks)} shards are damaged ({listed}{more}); "
+            f"`{PROG} generate ... --out {store.path} --resume` with the same settings remakes them"
+        )
+    verified = sum(check.verified for check in checks)
+    return {"total": len(checks), "sha256_verified": verified, "no_digest": len(checks) - verified}
 
 
 def open_dataset(path: Path) -> Any:
@@ -500,6 +584,39 @@ def _progress(iterable: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
     from .export import progress_bar
 
     return progress_bar(iterable, total=total, desc=desc, enabled=True)
+
+
+# -- verify --------------------------------------------------------------------------------
+
+VERIFY_EPILOG = f"""\b
+Examples:
+  {PROG} verify out/tiny
+  {PROG} verify /shared/voc || {PROG} generate voc ... --out /shared/voc --resume
+"""
+
+
+@main.command(epilog=VERIFY_EPILOG, short_help="Check every shard against its digest.")
+@click.argument("directory", type=click.Path(path_type=Path))
+def verify(directory: Path) -> None:
+    """Read every shard of the dataset in DIRECTORY and compare it with the sha256 recorded
+    when it was written. Exits 1 when a shard is missing or damaged."""
+    from .store import open_store
+
+    store = open_store(directory, allow_incomplete=True)
+    checks = store.verify(progress=True)
+    for check in checks:
+        if not check.ok:
+            click.echo(check.describe())
+    summary = shard_summary(store, checks)
+    line = f"{store.path}: all {summary['total']} shards intact"
+    if summary["no_digest"]:
+        line += (
+            f" ({summary['sha256_verified']} match their sha256; {summary['no_digest']} have no "
+            "digest recorded, so only their Parquet footers were checked)"
+        )
+    else:
+        line += " (sha256 matches)"
+    click.echo(line)
 
 
 # -- export --------------------------------------------------------------------------------

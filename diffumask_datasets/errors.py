@@ -6,3 +6,8 @@ class DiffuMaskError(ValueError):
 
     The CLI prints the message alone (no traceback) and exits non-zero.
     """
+
+
+def one_line(text: object) -> str:
+    """`text` with its whitespace runs (newlines included) folded into single spaces."""
+    return " ".join(str(text).split())

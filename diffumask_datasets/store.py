@@ -18,15 +18,27 @@ them and never write the same file.
 A store is complete when its manifest exists and every shard of it is in data/. A store
 made by `write_store` gets its manifest last, so a half-written one is never mistaken for
 a complete one.
+
+    digests.json                           sha256 and size of each shard, as written
+
+Each shard's digest is taken from the bytes its writer wrote (before the rename) and
+recorded in digests.json by whoever owns the run: the writing process itself, or the
+driver of a distributed run that receives (shard, digest) from its workers. A shard that
+was torn or changed on disk afterwards (a network filesystem, a bad disk) no longer
+matches: `verify` finds it, `open_store` refuses a shard whose size changed, and a resumed
+generation remakes it. Stores written before digests existed have no digests.json; they
+open as before, and their shards are checked for readability only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import re
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +48,10 @@ import numpy as np
 from PIL import Image
 
 from diffumask_datasets.definitions import Definition
-from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.errors import DiffuMaskError, one_line
 
 MANIFEST = "manifest.json"
+DIGESTS = "digests.json"
 DATA_DIR = "data"
 WORK_DIR = ".work"
 SPLIT = "train"
@@ -231,17 +244,67 @@ def file_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
         os.close(fd)
 
 
+def _writer_tag() -> str:
+    """Unique to this process among all machines writing to a shared folder."""
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
+def _writer_gone(tag: str) -> bool:
+    """True when the writer `_writer_tag()` named ran on this host and its process has
+    ended (a zombie counts as ended); a writer on another host is never judged."""
+    host, _, pid = tag.rpartition(".")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state == "Z"
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{_writer_tag()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
     os.replace(tmp, path)
 
 
-def _write_parquet_atomic(rows: list[dict], features, destination: Path, work_dir: Path) -> None:
+@dataclass(frozen=True)
+class Digest:
+    """What a shard file was when it was written."""
+
+    sha256: str
+    size: int  # bytes
+
+    def to_dict(self) -> dict:
+        return {"sha256": self.sha256, "bytes": self.size}
+
+
+def file_digest(path: Path) -> Digest:
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            sha.update(chunk)
+            size += len(chunk)
+    return Digest(sha.hexdigest(), size)
+
+
+def _write_parquet_atomic(rows: list[dict], features, destination: Path, work_dir: Path) -> Digest:
+    """Write rows to `destination` through a temporary file; returns the digest of the
+    bytes written (taken before the rename, so it is the writer's word for them)."""
     import datasets
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    tmp = work_dir / f"{destination.name}.{os.getpid()}.tmp"
+    # Unique per host and process: a retried shard on another machine, or a worker Ray
+    # thought dead that is still writing, never shares a temporary file with another.
+    tmp = work_dir / f"{destination.name}.{_writer_tag()}.tmp"
     import pyarrow.parquet as pq
 
     # The table datasets builds carries its Features in the schema metadata
@@ -250,7 +313,29 @@ def _write_parquet_atomic(rows: list[dict], features, destination: Path, work_di
     pq.write_table(table, tmp)
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
+    digest = file_digest(tmp)
     os.replace(tmp, destination)
+    return digest
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    """The state of one shard on disk."""
+
+    shard: int
+    path: Path
+    problem: str | None  # None: intact
+    verified: bool  # its bytes matched a recorded digest (False: none was recorded)
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def describe(self) -> str:
+        if self.problem is None:
+            how = "sha256 matches" if self.verified else "readable; no digest recorded"
+            return f"shard {self.shard} ({self.path.name}): ok ({how})"
+        return f"shard {self.shard} ({self.path.name}): {self.problem}"
 
 
 # -- the store ------------------------------------------------------------------------------
@@ -259,9 +344,13 @@ def _write_parquet_atomic(rows: list[dict], features, destination: Path, work_di
 class Store:
     """A store directory. Use `open_store` for a complete one."""
 
-    def __init__(self, path: str | Path, manifest: dict):
+    def __init__(self, path: str | Path, manifest: dict, record_digests: bool = True):
         self.path = Path(path)
         self.manifest = manifest
+        # False in a distributed worker: it returns each digest to the driver, which alone
+        # writes digests.json (see distributed.py).
+        self.record_digests = record_digests
+        self.written: dict[int, Digest] = {}  # digests of the shards this object wrote
         self._definition: Definition | None = None
         self._features = None
 
@@ -339,21 +428,139 @@ class Store:
         with file_lock(self.path / WORK_DIR / f"shard-{shard:05d}.lock", blocking) as held:
             yield held
 
-    def write_shard(self, shard: int, records: Sequence[Record]) -> None:
-        """Write shard `shard` atomically; call it while holding `claim(shard)`."""
-        self.write_rows(shard, [self.encode(r) for r in records])
+    def write_shard(self, shard: int, records: Sequence[Record]) -> Digest:
+        """Write shard `shard` atomically and record its digest (unless this store's
+        owner records them); call it while holding `claim(shard)`."""
+        return self.write_rows(shard, [self.encode(r) for r in records])
 
     def encode(self, record: Record) -> dict:
         """A record as a row of this store (PNG encoding: most of a write's work)."""
         return record_to_row(record, self.definition.class_ids, self.attention_size)
 
-    def write_rows(self, shard: int, rows: Sequence[dict]) -> None:
+    def write_rows(self, shard: int, rows: Sequence[dict]) -> Digest:
         """write_shard for rows already encoded (`encode`)."""
         expected = len(self.shard_range(shard))
         if len(rows) != expected:
             raise ValueError(f"shard {shard} needs {expected} records, got {len(rows)}")
         (self.path / DATA_DIR).mkdir(parents=True, exist_ok=True)
-        _write_parquet_atomic(rows, self.features, self.shard_path(shard), self.path / WORK_DIR)
+        digest = _write_parquet_atomic(
+            rows, self.features, self.shard_path(shard), self.path / WORK_DIR
+        )
+        self.written[shard] = digest
+        if self.record_digests:
+            self.record_digest(shard, digest)
+        return digest
+
+    # digests
+    def digests(self) -> dict[int, Digest]:
+        """The recorded digest of each shard that has one."""
+        path = self.path / DIGESTS
+        if not path.is_file():
+            return {}
+        try:
+            entries = json.loads(path.read_text())["shards"]
+            by_name = {
+                name: Digest(str(e["sha256"]), int(e["bytes"])) for name, e in entries.items()
+            }
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DiffuMaskError(
+                f"{str(path)!r} is corrupt ({exc}); delete it: the shards are then checked "
+                "for readability only, and a resumed generation records their digests again"
+            ) from None
+        return {
+            k: by_name[self.shard_path(k).name]
+            for k in range(self.num_shards)
+            if self.shard_path(k).name in by_name
+        }
+
+    def record_digest(self, shard: int, digest: Digest | None) -> None:
+        """Set (or with None, forget) the digest of shard `shard` in digests.json.
+
+        Several processes filling one store take turns through the store lock."""
+        with file_lock(self.path / WORK_DIR / "store.lock"):
+            digests = self.digests()
+            if digest is None:
+                digests.pop(shard, None)
+            else:
+                digests[shard] = digest
+            shards = {self.shard_path(k).name: d.to_dict() for k, d in sorted(digests.items())}
+            _write_json_atomic(self.path / DIGESTS, {"algorithm": "sha256", "shards": shards})
+
+    def check_shard(self, shard: int, recorded: Digest | None = None) -> ShardCheck:
+        """Check shard `shard` on disk: against its recorded digest (reading every byte)
+        when there is one, else by reading its Parquet footer and row count."""
+        path = self.shard_path(shard)
+
+        def result(problem: str | None, verified: bool = False) -> ShardCheck:
+            return ShardCheck(shard, path, problem, verified)
+
+        if not path.is_file():
+            return result("missing")
+        if recorded is not None:
+            actual = file_digest(path)
+            if actual.size != recorded.size:
+                return result(f"corrupt: {actual.size} bytes on disk, {recorded.size} when written")
+            if actual.sha256 != recorded.sha256:
+                return result("corrupt: its sha256 differs from the one recorded when written")
+            return result(None, verified=True)
+        return result(self._footer_problem(shard))
+
+    def _footer_problem(self, shard: int) -> str | None:
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_metadata(self.shard_path(shard)).num_rows
+        except Exception as exc:  # a truncated or foreign file
+            return f"corrupt: unreadable as Parquet ({one_line(exc)})"
+        expected = len(self.shard_range(shard))
+        if rows != expected:
+            return f"corrupt: it holds {rows} samples, expected {expected}"
+        return None
+
+    def verify(self, progress: bool = False) -> list[ShardCheck]:
+        """Every shard checked (see check_shard), in order."""
+        digests = self.digests()
+        shards: Iterable[int] = range(self.num_shards)
+        if progress:
+            from tqdm.auto import tqdm
+
+            shards = tqdm(shards, desc="verifying", unit="shard")
+        return [self.check_shard(k, digests.get(k)) for k in shards]
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary shard files of writers on this host that died mid-write
+        (kill -9, a killed Ray worker); returns them."""
+        removed = []
+        for tmp in (self.path / WORK_DIR).glob("*.parquet.*.tmp"):
+            tag = tmp.name[: -len(".tmp")].split(".parquet.", 1)[1]
+            if _writer_gone(tag):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+        return removed
+
+    def discard_corrupt_shards(self) -> list[ShardCheck]:
+        """Delete the shards whose bytes no longer match their digest (or that cannot be
+        read), so that generation makes them again; returns their checks."""
+        digests = self.digests()
+        discarded = []
+        for shard in self.complete_shards():
+            check = self.check_shard(shard, digests.get(shard))
+            if not check.ok:
+                with self.claim(shard, blocking=True):
+                    self.shard_path(shard).unlink(missing_ok=True)
+                if shard in digests:
+                    self.record_digest(shard, None)
+                discarded.append(check)
+        return discarded
+
+    def record_missing_digests(self) -> None:
+        """Record the digest of each readable shard that has none: one a distributed
+        worker renamed into place after its driver stopped listening (killed, or gone
+        before the worker finished)."""
+        digests = self.digests()
+        for shard in self.complete_shards():
+            if shard not in digests and self._footer_problem(shard) is None:
+                self.record_digest(shard, file_digest(self.shard_path(shard)))
 
     def shard_records(self, shard: int) -> Iterator[Record]:
         import pyarrow.parquet as pq
@@ -407,8 +614,6 @@ def open_store(path: str | Path, allow_incomplete: bool = False) -> Store:
     Raises DiffuMaskError naming the path when it is missing, not a store, corrupt or
     incomplete.
     """
-    import pyarrow.parquet as pq
-
     path = Path(path).expanduser()
     store = Store(path, _read_manifest(path))
     if allow_incomplete:
@@ -420,18 +625,18 @@ def open_store(path: str | Path, allow_incomplete: bool = False) -> Store:
             f"are missing (first: {store.shard_path(missing[0]).name}). Finish it with "
             "`diffumask generate ... --resume` using the same settings"
         )
+    digests = store.digests()
     for shard in range(store.num_shards):
-        try:
-            rows = pq.read_metadata(store.shard_path(shard)).num_rows
-        except Exception as exc:  # a truncated or foreign file
+        # Cheap checks only (size, footer); `verify` reads every byte.
+        path = store.shard_path(shard)
+        recorded = digests.get(shard)
+        problem = store._footer_problem(shard)
+        if problem is None and recorded is not None and path.stat().st_size != recorded.size:
+            problem = f"corrupt: {path.stat().st_size} bytes on disk, {recorded.size} when written"
+        if problem is not None:
             raise DiffuMaskError(
-                f"shard {str(store.shard_path(shard))!r} is corrupt ({exc}); delete it and "
-                "resume the generation to remake it"
-            ) from None
-        if rows != len(store.shard_range(shard)):
-            raise DiffuMaskError(
-                f"shard {str(store.shard_path(shard))!r} holds {rows} samples, expected "
-                f"{len(store.shard_range(shard))}; delete it and resume the generation"
+                f"shard {str(path)!r} is {problem}; `diffumask generate ... --resume` with the "
+                "same settings remakes it (`diffumask verify` checks every shard)"
             )
     return store
 
@@ -547,11 +752,12 @@ def write_store(dest: str | Path, records: Iterable[Record], manifest: dict) -> 
     work = dest / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
     parts: list[Path] = []
+    part_digests: list[Digest] = []
     buffer: list[dict] = []
 
     def flush() -> None:
         part = work / f"part-{len(parts):05d}.parquet"
-        _write_parquet_atomic(buffer, features, part, work)
+        part_digests.append(_write_parquet_atomic(buffer, features, part, work))
         parts.append(part)
         buffer.clear()
 
@@ -568,6 +774,8 @@ def write_store(dest: str | Path, records: Iterable[Record], manifest: dict) -> 
     (dest / DATA_DIR).mkdir(parents=True, exist_ok=True)
     for k, part in enumerate(parts):
         os.replace(part, store.shard_path(k))
+    shards = {store.shard_path(k).name: d.to_dict() for k, d in enumerate(part_digests)}
+    _write_json_atomic(dest / DIGESTS, {"algorithm": "sha256", "shards": shards})
     _write_json_atomic(dest / MANIFEST, manifest)
     store = open_store(dest)
     from diffumask_datasets.cards import write_card

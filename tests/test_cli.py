@@ -115,6 +115,9 @@ def test_generate_has_exactly_the_documented_flags():
         "--dtype",
         "--out",
         "--resume",
+        "--workers",
+        "--ray",
+        "--gpus-per-worker",
     }
 
 
@@ -248,7 +251,7 @@ def test_info_reports_counts_pixels_quality_and_config(small_store):
     assert stats["quality"]["max"] == pytest.approx(max(qualities), abs=1e-6)
     assert sum(stats["quality"]["histogram"]) == len(records)
     text = invoke("info", str(small_store)).stdout
-    for needle in ("6 samples", "bird", "dog", "quality: mean", "config:", "num_inference_steps"):
+    for needle in ("6 samples", "bird", "quality: mean", "num_inference_steps", "2 of 2 match"):
         assert needle in text
 
 
@@ -361,6 +364,58 @@ def test_corrupt_dataset_names_the_file(small_store, tmp_path):
     (not_a_store / "cat.jpg").write_bytes(b"")
     result = CliRunner().invoke(main, ["info", str(not_a_store)])
     assert_one_line_error(result, str(not_a_store), "manifest.json", code=1)
+
+
+def damaged_copy(store: Path, to: Path) -> Path:
+    """A copy of `store` with one byte of shard 1 changed: same size, footer intact."""
+    import shutil
+
+    shutil.copytree(store, to)
+    shard = to / "data" / "train-00001-of-00002.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    return to
+
+
+def test_verify_checks_every_shard_against_its_digest(small_store, tmp_path):
+    result = invoke("verify", str(small_store))
+    assert result.exit_code == 0
+    assert "all 2 shards intact (sha256 matches)" in result.stdout
+
+    broken = damaged_copy(small_store, tmp_path / "broken")
+    result = CliRunner().invoke(main, ["verify", str(broken)])
+    assert "shard 1 (train-00001-of-00002.parquet): corrupt" in result.stdout
+    assert_one_line_error(result, "1 of 2 shards are damaged", "sha256", "--resume", code=1)
+    (broken / "data" / "train-00000-of-00002.parquet").unlink()
+    result = CliRunner().invoke(main, ["verify", str(broken)])
+    assert "shard 0 (train-00000-of-00002.parquet): missing" in result.stdout
+    assert_one_line_error(result, "2 of 2 shards are damaged", code=1)
+
+
+def test_info_reports_a_damaged_shard(small_store, tmp_path):
+    broken = damaged_copy(small_store, tmp_path / "broken")
+    result = CliRunner().invoke(main, ["info", str(broken)])
+    assert_one_line_error(result, "train-00001-of-00002.parquet", "sha256", "--resume", code=1)
+    as_json = invoke("info", str(small_store), "--json")
+    assert json.loads(as_json.stdout)["shards"] == {
+        "total": 2,
+        "sha256_verified": 2,
+        "no_digest": 0,
+    }
+
+
+def test_workers_without_ray_name_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
+    out = tmp_path / "OUT"
+    for flags in (["--workers", "2"], ["--ray", "auto"]):
+        result = CliRunner().invoke(main, ["generate", "voc", *TINY, *flags, "--out", str(out)])
+        assert_one_line_error(result, 'pip install "diffumask-datasets[ray]"', code=1)
+    assert not out.exists()
+    result = CliRunner().invoke(
+        main, ["generate", "voc", *TINY, "--gpus-per-worker", "0.5", "--out", str(out)]
+    )
+    assert_one_line_error(result, "--gpus-per-worker", "--workers N", code=2)
 
 
 def test_info_and_export_as_real_subprocesses(small_store, tmp_path):

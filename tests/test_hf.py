@@ -173,7 +173,7 @@ KILLED = textwrap.dedent(
 
     # a pause after each shard, so the kill lands mid-run however fast the machine is
     write_shard = store._write_parquet_atomic
-    store._write_parquet_atomic = lambda *a: (write_shard(*a), time.sleep(0.5))
+    store._write_parquet_atomic = lambda *a: (write_shard(*a), time.sleep(0.5))[0]
     from datasets import load_dataset
     load_dataset("diffumask-voc", split="train", cache_dir=sys.argv[1], model="builtin:tiny-random",
                  classes=["bird", "dog"], images_per_class=2, num_inference_steps=3,

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffumask_datasets.build import GenerationConfig, build_dataset
+from diffumask_datasets.build import CorruptShardWarning, GenerationConfig, build_dataset
 from diffumask_datasets.errors import DiffuMaskError
-from diffumask_datasets.store import MANIFEST, open_store, write_store
+from diffumask_datasets.store import DIGESTS, MANIFEST, file_digest, open_store, write_store
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(
@@ -172,6 +172,100 @@ def test_a_missing_shard_is_regenerated_identically(built, tiny, tmp_path):
     assert as_tuples(store) == as_tuples(built)
 
 
+def copy_store(store, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(store.path, to)
+    return to
+
+
+def file_hashes(path: Path) -> dict[str, str]:
+    """sha256 of every file of a store but its lock files."""
+    return {
+        str(f.relative_to(path)): file_digest(f).sha256
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and ".work" not in f.parts
+    }
+
+
+def test_each_shard_digest_is_recorded_when_written(built):
+    recorded = json.loads((built.path / DIGESTS).read_text())
+    assert recorded["algorithm"] == "sha256"
+    assert sorted(recorded["shards"]) == [f"train-0000{k}-of-00003.parquet" for k in range(3)]
+    for k in range(3):
+        entry = recorded["shards"][built.shard_path(k).name]
+        actual = file_digest(built.shard_path(k))
+        assert (entry["sha256"], entry["bytes"]) == (actual.sha256, actual.size)
+    checks = built.verify()
+    assert [(c.shard, c.ok, c.verified) for c in checks] == [(k, True, True) for k in range(3)]
+
+
+def test_damaged_shards_are_found_and_remade_on_resume_with_a_warning(built, tiny, tmp_path):
+    copy = copy_store(built, tmp_path / "copy")
+    expected = file_hashes(copy)
+    # shard 1: one byte changed in the middle (same size, footer intact: only the digest
+    # sees it); shard 2: torn (truncated) by a crash of a network filesystem
+    flipped = copy / "data" / "train-00001-of-00003.parquet"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    torn = copy / "data" / "train-00002-of-00003.parquet"
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+
+    with pytest.raises(DiffuMaskError, match="train-00002-of-00003.parquet.*corrupt.*--resume"):
+        open_store(copy)
+    checks = open_store(copy, allow_incomplete=True).verify()
+    assert [c.ok for c in checks] == [True, False, False]
+    assert "sha256 differs" in checks[1].problem and "bytes on disk" in checks[2].problem
+
+    with pytest.warns(CorruptShardWarning) as caught:
+        store = build_dataset(copy, "voc", config(), resume=True, progress=False, engine=tiny)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "shard 1 " in messages and "shard 2 " in messages and "regenerating" in messages
+    assert "shard 0 " not in messages
+    assert file_hashes(copy) == expected
+    assert all(c.ok and c.verified for c in store.verify())
+
+
+def test_a_store_without_digests_opens_and_gets_them_on_resume(built, tmp_path):
+    copy = copy_store(built, tmp_path / "old")
+    expected = (copy / DIGESTS).read_text()
+    (copy / DIGESTS).unlink()  # as written before digests existed
+    store = open_store(copy)
+    checks = store.verify()
+    assert all(c.ok and not c.verified for c in checks)
+    assert "no digest recorded" in checks[0].describe()
+    build_dataset(copy, "voc", config(), resume=True, progress=False, engine=NoEngine())
+    assert (copy / DIGESTS).read_text() == expected
+
+
+def test_resume_removes_only_the_temporary_files_of_dead_writers(built, tmp_path):
+    import socket
+
+    copy = copy_store(built, tmp_path / "tmps")
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    host, name = socket.gethostname(), "train-00001-of-00003.parquet"
+    dead = copy / ".work" / f"{name}.{host}.{ended.stdout.strip()}.tmp"
+    alive = copy / ".work" / f"{name}.{host}.{os.getpid()}.tmp"
+    elsewhere = copy / ".work" / f"{name}.other-machine.1.tmp"
+    for tmp in (dead, alive, elsewhere):
+        tmp.write_bytes(b"half a shard")
+    build_dataset(copy, "voc", config(), resume=True, progress=False, engine=NoEngine())
+    assert not dead.exists() and alive.exists() and elsewhere.exists()
+
+
+def test_an_unreadable_digest_file_is_named(built, tmp_path):
+    copy = copy_store(built, tmp_path / "bad")
+    (copy / DIGESTS).write_text("{ torn")
+    with pytest.raises(DiffuMaskError, match=f"{DIGESTS}.*corrupt.*delete it"):
+        open_store(copy)
+
+
 def test_open_store_errors_name_the_path(tmp_path):
     with pytest.raises(DiffuMaskError, match="does not exist"):
         open_store(tmp_path / "nowhere")
@@ -196,6 +290,7 @@ def test_write_store_keeps_indices_and_is_complete(built, tmp_path):
     assert len(copy) == 3 and copy.num_shards == 2
     assert [r.index for r in copy.records()] == [0, 2, 4]
     assert copy.manifest["filter"] == {"note": "even indices"}
+    assert all(c.ok and c.verified for c in copy.verify())
     with pytest.raises(DiffuMaskError, match="not empty"):
         write_store(tmp_path / "even", iter(kept), manifest)
 
