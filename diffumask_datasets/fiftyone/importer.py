@@ -16,7 +16,7 @@ class present (`attention_<class>`, float map in [0, 1] at the stored resolution
 `classes` (Classifications), `prompt`, `seed`, `model`, `quality`, `mask_area`,
 `ignore_area`, `class_areas` (class -> share of pixels), `refinement` (method,
 parameters and chain), `index`, plus `negative_prompt`, `num_inference_steps`,
-`guidance_scale` when recorded.
+`guidance_scale` when recorded, and `consistency` in a dataset made by `diffumask clean`.
 
 The importer is both a `LabeledImageDatasetImporter` (iterate it to get
 `(image_path, metadata, labels)` tuples) and a `BatchDatasetImporter`: `from_dir` inserts
@@ -52,6 +52,8 @@ SCALAR_FIELDS = {
     "seed": fo.IntField,
     "model": fo.StringField,
     "quality": fo.FloatField,
+    # noise learning's score (`diffumask clean`): set on the samples of a cleaned dataset
+    "consistency": fo.FloatField,
     "mask_area": fo.FloatField,
     "ignore_area": fo.FloatField,
     "negative_prompt": fo.StringField,
@@ -278,6 +280,7 @@ SCALAR_TYPES = {
     "negative_prompt": str,
     "num_inference_steps": int,
     "guidance_scale": float,
+    "consistency": float,
 }
 
 
