@@ -32,7 +32,7 @@ class TrainSettings:
 
     steps: int = 600
     batch_size: int = 16
-    learning_rate: float = 2e-3
+    learning_rate: float = 4e-3
     size: int | None = None
     seed: int = 0
     splice: bool = False  # replace half of each batch by 2x2 mosaics (splicing)
@@ -59,6 +59,9 @@ def small_config(num_labels: int):
         num_attention_heads=[1, 1, 2, 2],
         mlp_ratios=[2, 2, 2, 2],
         decoder_hidden_size=48,
+        # no stochastic depth or head dropout: a net this small underfits before it overfits
+        drop_path_rate=0.0,
+        classifier_dropout_prob=0.0,
         num_labels=num_labels,
         semantic_loss_ignore_index=IGNORE,
     )
