@@ -174,29 +174,25 @@ def quality_ranking(samples, prompts, refs, kept) -> dict:
 
 # ---------------------------------------------------------------- (b) synthetic vs real
 def make_segmenter(seed: int):
+    """The library's small dilated FCN (`builtin:fcn` of diffumask_datasets.quality, ~36k
+    parameters at half resolution), upsampled back to 64x64; seeded."""
     import torch
     from torch import nn
 
+    from diffumask_datasets.quality.segmenter import small_fcn
+
     torch.manual_seed(seed)
 
-    def block(i, o, d=1):
-        return nn.Sequential(
-            nn.Conv2d(i, o, 3, padding=d, dilation=d), nn.BatchNorm2d(o), nn.ReLU(inplace=True)
-        )
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fcn = small_fcn(len(NAMES))
+            self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
 
-    # A small dilated FCN at half resolution (~35k parameters): a stride-2 stem, dilated
-    # context, per-pixel logits for 5 classes, bilinear upsampling back to 64x64.
-    return nn.Sequential(
-        nn.Conv2d(3, 24, 3, stride=2, padding=1),
-        nn.BatchNorm2d(24),
-        nn.ReLU(inplace=True),
-        block(24, 32),
-        block(32, 32, 2),
-        block(32, 32, 4),
-        block(32, 32, 2),
-        nn.Conv2d(32, len(NAMES), 1),
-        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-    )
+        def forward(self, x):
+            return self.up(self.fcn(pixel_values=x).logits)
+
+    return Net()
 
 
 def to_tensor(images):

@@ -656,8 +656,9 @@ def trainer_options(command):
         click.option(
             "--segmenter",
             metavar="NAME_OR_PATH",
-            help="A SegFormer checkpoint (hub id or folder, e.g. nvidia/mit-b0). "
-            "Default: a small SegFormer trained from scratch.",
+            help="A SegFormer checkpoint (hub id or folder, e.g. nvidia/mit-b0), or "
+            "builtin:fcn (a small conv net, fast on a CPU). Default: a small SegFormer "
+            "trained from scratch.",
         ),
         click.option(
             "--train-steps",

@@ -364,3 +364,12 @@ def test_new_commands_have_examples():
     for verb in ("evaluate", "clean", "splice"):
         assert "Examples" in invoke(verb, "--help").output
     assert main.commands["shapes"].commands["render"]
+
+
+def test_builtin_fcn_segmenter_and_a_missing_checkpoint(store, real, tmp_path):
+    settings = TrainSettings(steps=3, batch_size=4, size=32, segmenter="builtin:fcn")
+    result = evaluate(store, real, settings=settings, progress=False)
+    assert result.settings["segmenter"] == "builtin:fcn" and 0 <= result.synthetic.miou <= 1
+    missing = str(tmp_path / "no-such-checkpoint")
+    result = invoke("evaluate", str(store), "--real", str(real), "--segmenter", missing)
+    assert_one_line_error(result, repr(missing), "nvidia/mit-b0", "builtin:fcn")

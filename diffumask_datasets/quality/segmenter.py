@@ -1,10 +1,14 @@
-"""The one segmenter trainer behind evaluate, clean and the shapes benchmark.
+"""The one segmenter trainer behind evaluate, clean and the shapes ablation.
 
 A SegFormer from transformers: by default a small configuration built from scratch
-(random init, ~0.2 M parameters, fast enough on a CPU for the 64x64 shapes world), or a
-pretrained checkpoint by name or path (`segmenter="nvidia/mit-b0"`), whose head is
-re-made for our classes. Images are resized to a square `size` (masks by nearest
-neighbour); pixels labelled 255 are ignored by the loss. Seeded: the same data and
+(random init, ~0.2 M parameters), or a pretrained checkpoint by name or path
+(`segmenter="nvidia/mit-b0"`), whose head is re-made for our classes. `builtin:fcn` is
+a small dilated FCN (~36 k parameters, the network of benchmarks/shapes_quality.py):
+from scratch on a CPU it learns the shapes world several times faster per step than the
+small SegFormer (BENCHMARKS.md), which is why the shapes ablation uses it.
+
+Images are resized to a square `size` (masks by nearest neighbour); pixels labelled 255
+are ignored by the loss. Seeded: the same data and
 settings give the same model on the same device.
 """
 
@@ -67,11 +71,44 @@ def small_config(num_labels: int):
     )
 
 
+FCN = "builtin:fcn"
+
+
+def small_fcn(num_labels: int):
+    """A dilated FCN at half resolution: a stride-2 stem, dilated 3x3 context, per-pixel
+    logits. Called like a SegFormer: model(pixel_values=x).logits."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    def block(i: int, o: int, d: int = 1):
+        return nn.Sequential(
+            nn.Conv2d(i, o, 3, padding=d, dilation=d), nn.BatchNorm2d(o), nn.ReLU(inplace=True)
+        )
+
+    class SmallFCN(nn.Sequential):
+        def forward(self, pixel_values):
+            return SimpleNamespace(logits=super().forward(pixel_values))
+
+    return SmallFCN(
+        nn.Conv2d(3, 24, 3, stride=2, padding=1),
+        nn.BatchNorm2d(24),
+        nn.ReLU(inplace=True),
+        block(24, 32),
+        block(32, 32, 2),
+        block(32, 32, 4),
+        block(32, 32, 2),
+        nn.Conv2d(32, num_labels, 1),
+    )
+
+
 def build_segmenter(num_labels: int, name_or_path: str | None = None):
     """A SegformerForSemanticSegmentation for `num_labels` classes (random init, or the
-    checkpoint `name_or_path` with a fresh head)."""
+    checkpoint `name_or_path` with a fresh head), or the small FCN for `builtin:fcn`."""
     from transformers import SegformerForSemanticSegmentation
 
+    if name_or_path == FCN:
+        return small_fcn(num_labels)
     if name_or_path is None:
         return SegformerForSemanticSegmentation(small_config(num_labels))
     try:
@@ -85,7 +122,8 @@ def build_segmenter(num_labels: int, name_or_path: str | None = None):
         raise DiffuMaskError(
             f"--segmenter {name_or_path!r} could not be loaded as a SegFormer checkpoint "
             f"({' '.join(str(exc).split())[:200]}); give a local folder or a hub id such as "
-            "nvidia/mit-b0 (with network), or leave --segmenter out for the small built-in one"
+            "nvidia/mit-b0 (with network), builtin:fcn, or leave --segmenter out for the small "
+            "built-in SegFormer"
         ) from None
 
 
