@@ -46,7 +46,17 @@ class Evaluation:
         return self.synthetic.miou / self.real_trained.miou
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "synthetic_over_real": self.synthetic_over_real}
+        """Plain data for JSON: an IoU that is undefined (class in neither test nor
+        prediction) is None, not NaN (which strict JSON readers refuse)."""
+
+        def clean(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, float) and value != value:
+                return None
+            return value
+
+        return clean({**asdict(self), "synthetic_over_real": self.synthetic_over_real})
 
     def describe(self) -> str:
         names = list(self.synthetic.per_class)
