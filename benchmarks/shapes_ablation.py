@@ -208,14 +208,16 @@ def main(argv=None) -> dict:
                        **(extra or {})})  # fmt: skip
         print(f"{key:<28}{score.miou:.3f}  ({time.time() - began:.0f} s)", flush=True)
 
-    def consistency(condition: str, masks):
-        key = f"consistency/{condition}"
+    def consistency(condition: str, masks, known: bool = False):
+        # known: the held-out prediction limited to background and the prompt's class
+        # (the library's default); without: free among all classes (the first version)
+        key = f"consistency{'-known' if known else ''}/{condition}"
         if key not in rows and args.report_only:
             return np.zeros(len(images))
         if key not in rows:
             began = time.time()
             scores = consistency_scores(
-                images, masks, [[c] for c in class_of], 5, FOLDS, settings, progress=True
+                images, masks, [[c] for c in class_of], 5, FOLDS, settings, True, known
             )
             rows.put(key, {"scores": scores.tolist(), "seconds": round(time.time() - began, 1)})
         return np.array(rows[key]["scores"])
@@ -225,11 +227,12 @@ def main(argv=None) -> dict:
 
     everyone = np.ones(len(images), dtype=bool)
 
-    def filtered(condition: str, masks, keep: float, splice: bool = False):
-        kept = choose_kept(consistency(condition, masks), everyone, keep)
+    def filtered(condition: str, masks, keep: float, splice: bool = False, known=False):
+        kept = choose_kept(consistency(condition, masks, known), everyone, keep)
         pruned = sorted(set(corrupted) - set(kept.tolist())) if condition != "clean" else []
-        key = f"{condition}/nl-{keep}" + ("+splice" if splice else "")
-        label = f"+ noise learning, keep {keep}" + (" + splicing" if splice else "")
+        key = f"{condition}/nl{'k' if known else ''}-{keep}" + ("+splice" if splice else "")
+        label = f"+ noise learning{' (known classes)' if known else ''}, keep {keep}"
+        label += " + splicing" if splice else ""
         extra = {"corrupted_pruned": len(pruned)}
         train_row(key, label, *subset(kept, masks), splice=splice, extra=extra)
 
@@ -262,6 +265,9 @@ def main(argv=None) -> dict:
     train_row("rendered/segformer", "rendered scenes, small SegFormer",
               [Image.fromarray(s.image) for s in real], [s.mask for s in real],
               segmenter=None)  # fmt: skip
+    # consistency with the prediction limited to the classes the prompt names
+    filtered("corrupted", corrupted_masks, 0.7, known=True)
+    filtered("clean", ours, 0.7, known=True)
 
     # rankings: each sample's object IoU (its mask against the exact one)
     rankings = {}
@@ -271,9 +277,10 @@ def main(argv=None) -> dict:
         )
         drawn = np.array([(e > 0).sum() >= 20 for e in exact])
         entry = {"quality": spearman(quality[drawn], iou[drawn])}
-        if f"consistency/{condition}" in rows:
-            scores = np.array(rows[f"consistency/{condition}"]["scores"])
-            entry["consistency"] = spearman(scores[drawn], iou[drawn])
+        for name in ("consistency", "consistency-known"):
+            if f"{name}/{condition}" in rows:
+                scores = np.array(rows[f"{name}/{condition}"]["scores"])
+                entry[name] = spearman(scores[drawn], iou[drawn])
         rankings[condition] = entry
     rows.put("rankings", rankings)
     report(rows, len(corrupted))

@@ -211,7 +211,7 @@ def test_consistency_is_held_out_agreement(monkeypatch):
             self.seen = {id(i) for i in images}
             trained_on.append(self.seen)
 
-        def predict(self, images):
+        def predict(self, images, only=None):
             assert not self.seen & {id(i) for i in images}
             return [truth[id(i)] for i in images]
 
@@ -373,3 +373,16 @@ def test_builtin_fcn_segmenter_and_a_missing_checkpoint(store, real, tmp_path):
     missing = str(tmp_path / "no-such-checkpoint")
     result = invoke("evaluate", str(store), "--real", str(real), "--segmenter", missing)
     assert_one_line_error(result, repr(missing), "nvidia/mit-b0", "builtin:fcn")
+
+
+def test_predict_can_be_limited_to_the_classes_an_image_shows():
+    from diffumask_datasets.quality import train_segmenter
+
+    records = list(sw.scene_records(6, seed=1, max_objects=2))
+    segmenter = train_segmenter(
+        [r.image for r in records], [r.mask for r in records], 5, FAST, progress=False
+    )
+    free = segmenter.predict([r.image for r in records])
+    limited = segmenter.predict([r.image for r in records], only=[[0, 2]] * 6)
+    assert all(p.shape == (64, 64) for p in free + limited)
+    assert set(np.unique(np.stack(limited)).tolist()) <= {0, 2}

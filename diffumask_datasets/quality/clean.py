@@ -65,9 +65,13 @@ def consistency_scores(
     folds: int = 3,
     settings: TrainSettings = TrainSettings(),
     progress: bool = True,
+    known_classes: bool = True,
 ) -> np.ndarray:
     """Each sample's consistency (see module doc); `classes[i]` are the class ids of
-    sample i's prompt."""
+    sample i's prompt. With known_classes, the held-out prediction chooses each pixel
+    among background and the prompt's classes only: the prompt says which classes the
+    image shows, so the segmenter's confusions with other classes (which say nothing
+    about the mask) do not count against it."""
     check_folds(folds, len(images))
     assignment = fold_of(len(images), folds, settings.seed)
     scores = np.full(len(images), np.nan)
@@ -82,7 +86,8 @@ def consistency_scores(
             progress,
             f"fold {k + 1}/{folds}",
         )
-        predictions = segmenter.predict([images[i] for i in held])
+        only = [[0, *classes[i]] for i in held] if known_classes else None
+        predictions = segmenter.predict([images[i] for i in held], only=only)
         for i, pred in zip(held, predictions, strict=True):
             scores[i] = sample_iou(masks[i], pred, [0, *classes[i]])
     return scores

@@ -164,8 +164,15 @@ class Segmenter:
     def __init__(self, model, size: int, device: str, num_labels: int):
         self.model, self.size, self.device, self.num_labels = model, size, device, num_labels
 
-    def predict(self, images: Sequence[Any], batch_size: int = 64) -> list[np.ndarray]:
-        """uint8 id masks, each at its image's own size."""
+    def predict(
+        self,
+        images: Sequence[Any],
+        batch_size: int = 64,
+        only: Sequence[Sequence[int]] | None = None,
+    ) -> list[np.ndarray]:
+        """uint8 id masks, each at its image's own size. `only[i]`: the class ids image i
+        may show (each pixel takes the likeliest of them), e.g. background and the
+        classes its prompt names."""
         import torch
         import torch.nn.functional as F
 
@@ -176,10 +183,15 @@ class Segmenter:
                 chunk = images[start : start + batch_size]
                 x, _ = to_tensors(chunk, None, self.size)
                 logits = self.model(pixel_values=x.to(self.device)).logits
-                for image, one in zip(chunk, logits, strict=True):
+                for k, (image, one) in enumerate(zip(chunk, logits, strict=True)):
                     width, height = image.size
-                    one = F.interpolate(one[None], size=(height, width), mode="bilinear")
-                    out.append(one[0].argmax(0).to(torch.uint8).cpu().numpy())
+                    one = F.interpolate(one[None], size=(height, width), mode="bilinear")[0]
+                    if only is not None:
+                        ids = torch.tensor(sorted(set(only[start + k])), device=one.device)
+                        pred = ids[one[ids].argmax(0)]
+                    else:
+                        pred = one.argmax(0)
+                    out.append(pred.to(torch.uint8).cpu().numpy())
         return out
 
 
