@@ -210,7 +210,7 @@ def main(argv=None) -> dict:
 
     def consistency(condition: str, masks, known: bool = False):
         # known: the held-out prediction limited to background and the prompt's class
-        # (the library's default); without: free among all classes (the first version)
+        # (consistency_scores(known_classes=True)); without: free among all (the default)
         key = f"consistency{'-known' if known else ''}/{condition}"
         if key not in rows and args.report_only:
             return np.zeros(len(images))
