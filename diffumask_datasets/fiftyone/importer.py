@@ -230,6 +230,11 @@ def declare_schema(dataset, index: MediaIndex) -> None:
     """Declare every field up front, so bulk-inserted documents match the schema
     (a heatmap field only for classes that have a map somewhere)."""
     slugs = index.class_slugs
+    # a recorded-only field (negative prompt, consistency, ...) only where a sample has
+    # it, as FiftyOne's own sample path would add it
+    present = {name for name in SCALAR_FIELDS if name not in SCALAR_TYPES} | {
+        key for sample in index.samples for key, v in sample.extra.items() if v is not None
+    }
     embedded = {
         GROUND_TRUTH: fo.Segmentation,
         CLASSES_FIELD: fo.Classifications,
@@ -237,7 +242,7 @@ def declare_schema(dataset, index: MediaIndex) -> None:
     }
     wanted: dict[str, tuple[type, type | None]] = {
         **{name: (fo.EmbeddedDocumentField, doc_type) for name, doc_type in embedded.items()},
-        **{name: (ftype, None) for name, ftype in SCALAR_FIELDS.items()},
+        **{name: (ftype, None) for name, ftype in SCALAR_FIELDS.items() if name in present},
         **{name: (fo.DictField, None) for name in DICT_FIELDS},
     }
     existing = dataset.get_field_schema()
