@@ -33,6 +33,9 @@ classes:                           # required, at least one; ids are mask values
     sub_classes: [sparrow, robin]  # optional: "Photo of a {sub-class} {class}" diversity
     templates: [...]               # optional: this class's own templates
     color: [128, 128, 0]           # optional: RGB for visualisations
+    prior: {area: [0.05, 0.5]}     # optional: what a plausible mask of the class looks like;
+                                   #   `diffumask clean` drops masks outside it (area: the
+                                   #   share of the image the class covers, [min, max])
 ```
 
 Every rendered prompt must contain the class's prompt words or one of its synonyms; a
@@ -58,7 +61,10 @@ DEFINITION_FILE = "definition.yaml"
 
 TOP_LEVEL_KEYS = ("name", "title", "description", "background", "defaults", "prompts", "classes")
 PROMPT_KEYS = ("templates", "pair_templates", "negative")
-CLASS_KEYS = ("id", "name", "prompt", "synonyms", "sub_classes", "templates", "color")
+CLASS_KEYS = (
+    "id", "name", "prompt", "synonyms", "sub_classes", "templates", "color", "prior"
+)  # fmt: skip
+PRIOR_KEYS = ("area",)
 REQUIRED_CLASS_KEYS = ("id", "name", "prompt")
 # Generation settings a definition may set (a subset of build.GenerationConfig's fields).
 DEFAULT_KEYS = (
@@ -91,6 +97,8 @@ class ClassDef:
     sub_classes: tuple[str, ...] = ()
     templates: tuple[str, ...] | None = None
     color: tuple[int, int, int] | None = None
+    # e.g. {"area": (0.05, 0.5)}: read by `clean`, not by generation (not fingerprinted)
+    prior: Mapping[str, tuple[float, float]] = field(default_factory=dict, hash=False)
 
     @property
     def words(self) -> tuple[str, ...]:
@@ -172,6 +180,8 @@ class Definition:
                 entry["templates"] = list(c.templates)
             if c.color:
                 entry["color"] = list(c.color)
+            if c.prior:
+                entry["prior"] = {k: list(v) for k, v in c.prior.items()}
             classes.append(entry)
         prompts: dict[str, Any] = {
             "templates": list(self.templates),
@@ -198,8 +208,15 @@ class Definition:
         data = self.to_dict()
         data.pop("title")
         data.pop("description")
+        for entry in data["classes"]:
+            entry.pop("prior", None)  # priors judge masks after the fact
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def priors(self) -> dict[str, dict[str, tuple[float, float]]]:
+        """{class name: prior} of the classes that have one."""
+        return {c.name: dict(c.prior) for c in self.classes if c.prior}
 
     def palette(self) -> dict[int, tuple[int, int, int]]:
         """{id: RGB} for every class and background: the definition's colours, else VOC's
@@ -332,6 +349,30 @@ def mentions(prompt: str, phrase: str) -> bool:
     return re.search(pattern, prompt.lower()) is not None
 
 
+def _prior(value: Any, where: str) -> dict[str, tuple[float, float]]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise DiffuMaskError(f"{where}: prior must be a mapping such as {{area: [0.05, 0.5]}}")
+    _check_keys(value, PRIOR_KEYS, f"{where}: prior")
+    prior = {}
+    for key, bounds in value.items():
+        ok = (
+            isinstance(bounds, Sequence)
+            and not isinstance(bounds, str)
+            and len(bounds) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+            and 0 <= bounds[0] <= bounds[1] <= 1
+        )
+        if not ok:
+            raise DiffuMaskError(
+                f"{where}: prior {key} must be [min, max] with 0 <= min <= max <= 1 (shares "
+                f"of the image), got {bounds!r}; e.g. {key}: [0.05, 0.5]"
+            )
+        prior[key] = (float(bounds[0]), float(bounds[1]))
+    return prior
+
+
 def _parse(data: Any, source: str) -> Definition:
     if not isinstance(data, Mapping):
         raise DiffuMaskError(f"{source}: a definition must be a YAML mapping with a 'classes' list")
@@ -435,6 +476,7 @@ def _parse(data: Any, source: str) -> Definition:
             sub_classes=_strings(raw.get("sub_classes"), f"{label}: sub_classes"),
             templates=own_templates,
             color=color,
+            prior=_prior(raw.get("prior"), label),
         )
         classes.append(cls)
 

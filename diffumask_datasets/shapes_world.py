@@ -285,3 +285,43 @@ def foreground_mask(image: np.ndarray, tolerance: float = 60.0, min_pixels: int 
         sizes = ndimage.sum(far, labels, index=np.arange(1, count + 1))
         far &= np.isin(labels, 1 + np.flatnonzero(sizes >= min_pixels))
     return far
+
+
+def scene_records(count: int, seed: int = 0, max_objects: int = 2, size: int = SIZE):
+    """`count` rendered scenes as store Records (1 up to max_objects objects, in turn),
+    exact masks; the same seed always gives the same records."""
+    from PIL import Image
+
+    from diffumask_datasets.store import Record
+
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        scene = random_scene(rng, count=1 + index % max_objects, size=size)
+        yield Record(
+            index=index,
+            image=Image.fromarray(scene.image),
+            mask=scene.mask,
+            prompt=scene.caption,
+            seed=seed,
+            classes=[o.shape for o in scene.objects],
+            quality=1.0,
+        )
+
+
+def render_voc(dest, count: int, seed: int = 0, max_objects: int = 2, val_fraction: float = 0.5):
+    """Write `count` rendered scenes with exact masks in the VOC layout of our VOC export
+    (`diffumask shapes render`): real data for the synthetic-to-real protocol, offline."""
+    from diffumask_datasets.export import check_val_fraction
+    from diffumask_datasets.export.voc import export_voc
+
+    if count < 1:
+        raise DiffuMaskError(f"--count {count} is too small; render at least 1 scene, e.g. 512")
+    check_val_fraction(val_fraction)
+    return export_voc(
+        scene_records(count, seed, max_objects),
+        {i: name for name, i in CLASS_IDS.items()},
+        dest,
+        val_fraction=val_fraction,
+        total=count,
+        progress=True,
+    )

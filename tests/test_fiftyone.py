@@ -591,3 +591,20 @@ def test_env_is_private():
     # conftest points FiftyOne at a temporary database; never a user's own
     assert os.environ["FIFTYONE_DO_NOT_TRACK"] == "true"
     assert fo.config.database_dir == os.environ["FIFTYONE_DATABASE_DIR"]
+
+
+def test_a_cleaned_dataset_shows_and_filters_on_consistency(plugins_dir, store_dir, tmp_path):
+    from diffumask_datasets.quality import TrainSettings, clean_store
+
+    fast = TrainSettings(steps=2, batch_size=4, size=32)
+    cleaned, summary = clean_store(store_dir, tmp_path / "clean", 3, 0.7, fast, progress=False)
+    ds = to_fiftyone(cleaned.path, media_dir=tmp_path / "media", progress=False)
+    assert isinstance(ds.get_field_schema()["consistency"], fo.FloatField)
+    shown = dict(zip(ds.values("index"), ds.values("consistency"), strict=True))
+    expected = {int(k): v for k, v in summary["consistency"].items() if int(k) in shown}
+    assert shown == pytest.approx(expected) and len(shown) == summary["kept"]
+    cut = sorted(shown.values())[len(shown) // 2]
+    result = run("filter_samples", ds, params={"min_consistency": cut})
+    assert result.result["count"] == sum(v >= cut for v in shown.values())
+    message = validation_error("filter_samples", ds, params={"min_consistency": 2.0})
+    assert "min consistency = 2.0 is outside [0, 1]" in message

@@ -16,7 +16,7 @@ class present (`attention_<class>`, float map in [0, 1] at the stored resolution
 `classes` (Classifications), `prompt`, `seed`, `model`, `quality`, `mask_area`,
 `ignore_area`, `class_areas` (class -> share of pixels), `refinement` (method,
 parameters and chain), `index`, plus `negative_prompt`, `num_inference_steps`,
-`guidance_scale` when recorded.
+`guidance_scale` when recorded, and `consistency` in a dataset made by `diffumask clean`.
 
 The importer is both a `LabeledImageDatasetImporter` (iterate it to get
 `(image_path, metadata, labels)` tuples) and a `BatchDatasetImporter`: `from_dir` inserts
@@ -52,6 +52,8 @@ SCALAR_FIELDS = {
     "seed": fo.IntField,
     "model": fo.StringField,
     "quality": fo.FloatField,
+    # noise learning's score (`diffumask clean`): set on the samples of a cleaned dataset
+    "consistency": fo.FloatField,
     "mask_area": fo.FloatField,
     "ignore_area": fo.FloatField,
     "negative_prompt": fo.StringField,
@@ -228,6 +230,11 @@ def declare_schema(dataset, index: MediaIndex) -> None:
     """Declare every field up front, so bulk-inserted documents match the schema
     (a heatmap field only for classes that have a map somewhere)."""
     slugs = index.class_slugs
+    # a recorded-only field (negative prompt, consistency, ...) only where a sample has
+    # it, as FiftyOne's own sample path would add it
+    present = {name for name in SCALAR_FIELDS if name not in SCALAR_TYPES} | {
+        key for sample in index.samples for key, v in sample.extra.items() if v is not None
+    }
     embedded = {
         GROUND_TRUTH: fo.Segmentation,
         CLASSES_FIELD: fo.Classifications,
@@ -235,7 +242,7 @@ def declare_schema(dataset, index: MediaIndex) -> None:
     }
     wanted: dict[str, tuple[type, type | None]] = {
         **{name: (fo.EmbeddedDocumentField, doc_type) for name, doc_type in embedded.items()},
-        **{name: (ftype, None) for name, ftype in SCALAR_FIELDS.items()},
+        **{name: (ftype, None) for name, ftype in SCALAR_FIELDS.items() if name in present},
         **{name: (fo.DictField, None) for name in DICT_FIELDS},
     }
     existing = dataset.get_field_schema()
@@ -278,6 +285,7 @@ SCALAR_TYPES = {
     "negative_prompt": str,
     "num_inference_steps": int,
     "guidance_scale": float,
+    "consistency": float,
 }
 
 

@@ -400,7 +400,7 @@ def _media_sample(
     fractions = pixel_fractions(mask, class_names)
     extra = {
         key: meta[key]
-        for key in ("negative_prompt", "num_inference_steps", "guidance_scale")
+        for key in ("negative_prompt", "num_inference_steps", "guidance_scale", "consistency")
         if meta.get(key) is not None
     }
     return MediaSample(

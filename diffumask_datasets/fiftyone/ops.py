@@ -187,12 +187,14 @@ def filter_view(
     min_class_area: float | None = None,
     mask_field: str = GROUND_TRUTH,
     exclude_tag: str | None = None,
+    min_consistency: float | None = None,
 ) -> fo.DatasetView:
     """Samples by quality, classes named in the prompt and mask area.
 
     `min_mask_area`/`max_mask_area` bound the share of pixels with any class;
     `min_class_area` asks each chosen class (with `classes`) to cover at least that share.
-    `match` is "any" or "all" of `classes`.
+    `match` is "any" or "all" of `classes`. `min_consistency` keeps samples whose noise-
+    learning consistency (a dataset made by `diffumask clean`) is at least that.
     """
     dataset = collection._dataset
     for name, value in (
@@ -201,6 +203,7 @@ def filter_view(
         ("min_mask_area", min_mask_area),
         ("max_mask_area", max_mask_area),
         ("min_class_area", min_class_area),
+        ("min_consistency", min_consistency),
     ):
         raise_if(check_fraction(name, value))
     raise_if(check_range("min_quality", min_quality, "max_quality", max_quality))
@@ -218,6 +221,8 @@ def filter_view(
         view = view.match(F(quality) >= float(min_quality))
     if max_quality is not None:
         view = view.match(F(quality) <= float(max_quality))
+    if min_consistency is not None:
+        view = view.match(F("consistency") >= float(min_consistency))
     if min_mask_area is not None:
         view = view.match(F(mask_area) >= float(min_mask_area))
     if max_mask_area is not None:

@@ -68,6 +68,8 @@ class FilterSamples(foo.Operator):
         params = ctx.params
         _fraction_input(inputs, ctx, "min_quality", "min quality", "Keep quality >= this")
         _fraction_input(inputs, ctx, "max_quality", "max quality", "Keep quality <= this")
+        held_out = "Keep noise-learning consistency >= this (datasets made by diffumask clean)"
+        _fraction_input(inputs, ctx, "min_consistency", "min consistency", held_out)
         classes = inputs.list(
             "classes",
             types.String(),
@@ -104,6 +106,7 @@ class FilterSamples(foo.Operator):
             ctx.dataset,
             min_quality=params.get("min_quality"),
             max_quality=params.get("max_quality"),
+            min_consistency=params.get("min_consistency"),
             classes=params.get("classes") or None,
             match=params.get("match") or "any",
             min_mask_area=params.get("min_mask_area"),
