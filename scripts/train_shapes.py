@@ -1,4 +1,4 @@
-"""Train the built-in shapes-world latent diffusion model (``builtin:shapes``) on CPU.
+"""Train the built-in shapes-world latent diffusion model (``builtin:shapes``).
 
 Stages, each cached in the work folder so a rerun with ``--resume`` picks up where it
 stopped: (1) a word-level tokenizer from the world's vocabulary; (2) a small
@@ -15,6 +15,12 @@ on 2 CPU cores.
 
     python scripts/train_shapes.py --work runs/shapes --export diffumask_datasets/weights/shapes
     python scripts/train_shapes.py --work runs/shapes --resume --export ...   # after a stop
+    python scripts/train_shapes.py --device cuda ...   # the same recipe on a GPU
+
+Every random draw (batches, noise, timesteps, dropped captions) comes from one CPU
+generator, so ``--device cuda`` trains on the same data in the same order as the CPU, and a
+run may resume on another device. ``training.json`` records each training session's device,
+steps and seconds, and the wall time of the autoencoder and UNet stages.
 
 The run writes ``log.jsonl`` (loss, entropy, probe figures), ``ckpt.pt`` every few
 minutes, ``best.pt`` at the best probe so far, and exports a StableDiffusionPipeline
