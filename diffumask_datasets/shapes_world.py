@@ -287,6 +287,32 @@ def foreground_mask(image: np.ndarray, tolerance: float = 60.0, min_pixels: int 
     return far
 
 
+def object_silhouette(image: np.ndarray, size: int = 24) -> np.ndarray | None:
+    """The largest drawn object of an image of this world as a size x size silhouette
+    (what a shape classifier reads), or None when nothing is drawn.
+
+    The object is read off the pixels (`foreground_mask`), so rendered and generated
+    images are cut out the same way; it is cropped to its bounding box, centred in a
+    square (aspect kept) and resampled by area: each output pixel is the fraction of its
+    cell the object covers, in [0, 1].
+    """
+    from PIL import Image
+    from scipy import ndimage
+
+    drawn = foreground_mask(image)
+    labels, count = ndimage.label(drawn)
+    if not count:
+        return None
+    sizes = ndimage.sum(drawn, labels, index=np.arange(1, count + 1))
+    ys, xs = np.nonzero(labels == 1 + int(np.argmax(sizes)))
+    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    side = max(height, width)
+    square = np.zeros((side, side), dtype=np.float32)
+    square[ys - ys.min() + (side - height) // 2, xs - xs.min() + (side - width) // 2] = 1.0
+    resized = Image.fromarray(square).resize((size, size), Image.Resampling.BOX)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
 def scene_records(count: int, seed: int = 0, max_objects: int = 2, size: int = SIZE):
     """`count` rendered scenes as store Records (1 up to max_objects objects, in turn),
     exact masks; the same seed always gives the same records."""

@@ -1,4 +1,4 @@
-"""Train the built-in shapes-world latent diffusion model (``builtin:shapes``) on CPU.
+"""Train the built-in shapes-world latent diffusion model (``builtin:shapes``).
 
 Stages, each cached in the work folder so a rerun with ``--resume`` picks up where it
 stopped: (1) a word-level tokenizer from the world's vocabulary; (2) a small
@@ -15,6 +15,12 @@ on 2 CPU cores.
 
     python scripts/train_shapes.py --work runs/shapes --export diffumask_datasets/weights/shapes
     python scripts/train_shapes.py --work runs/shapes --resume --export ...   # after a stop
+    python scripts/train_shapes.py --device cuda ...   # the same recipe on a GPU
+
+Every random draw (batches, noise, timesteps, dropped captions) comes from one CPU
+generator, so ``--device cuda`` trains on the same data in the same order as the CPU, and a
+run may resume on another device. ``training.json`` records each training session's device,
+steps and seconds, and the wall time of the autoencoder and UNet stages.
 
 The run writes ``log.jsonl`` (loss, entropy, probe figures), ``ckpt.pt`` every few
 minutes, ``best.pt`` at the best probe so far, and exports a StableDiffusionPipeline
@@ -264,20 +270,22 @@ def probe(unet, text_encoder, tokenizer, scheduler, probe_set, timesteps=(300, 6
     """IoU between the max-normalised, 0.5-thresholded cross-attention of an object's
     shape word (and colour word) and the object's exact mask, on noised held-out scenes."""
     latents, scenes = probe_set
+    device = latents.device
     sink = install_recorders(unet)
     ids = tokenize(tokenizer, [s.caption for s in scenes])
-    states = text_encoder(ids)[0]
+    states = text_encoder(ids.to(device))[0]
+    # Noise drawn on the CPU, so the probe sees the same noise on every device.
     gen = torch.Generator().manual_seed(1234)
     maps = 0
     for t in timesteps:
-        noise = torch.randn(latents.shape, generator=gen)
+        noise = torch.randn(latents.shape, generator=gen).to(device)
         tt = torch.full((len(scenes),), t, dtype=torch.long)
-        noisy = scheduler.add_noise(latents, noise, tt)
+        noisy = scheduler.add_noise(latents, noise, tt.to(device))
         sink.clear()
-        unet(noisy, tt, encoder_hidden_states=states)
+        unet(noisy, tt.to(device), encoder_hidden_states=states)
         maps = maps + token_maps(sink, len(scenes))
     sink.clear()
-    maps = maps.numpy()
+    maps = maps.cpu().numpy()
     word = np.isin(ids.numpy(), [tokenizer.get_vocab()[w] for w in sw.CAPTION_WORDS])
     # Share of each pixel's attention that goes to caption words (not start/end/pad).
     word_mass = float((maps.sum(axis=(2, 3)) * word).sum() / maps.sum())
@@ -317,25 +325,33 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def device_name(device: torch.device, threads: int) -> str:
+    """'cuda: NVIDIA H100 80GB HBM3' or 'cpu: 2 cores, 1 torch thread'."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {os.cpu_count()} cores, {threads} torch thread{'s' if threads > 1 else ''}"
+
+
 def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     arr = np.stack(images).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def train_vae(work: Path, args, log) -> tuple:
+def train_vae(work: Path, args, log, device: torch.device = torch.device("cpu")) -> tuple:
     path = work / "vae.pt"
     vae = make_vae()
     if path.exists():
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
         vae.load_state_dict(state["model"])
-        return vae, state["scale"]
+        return vae.to(device), state["scale"]
     torch.manual_seed(args.seed)
+    vae.to(device)
     rng = np.random.default_rng(args.seed + 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     start = time.time()
     for step in range(args.vae_steps):
         scenes = [sw.random_scene(rng) for _ in range(16)]
-        x = images_to_tensor([s.image for s in scenes])
+        x = images_to_tensor([s.image for s in scenes]).to(device)
         z = vae.encode(x).latent_dist.mean
         rec = vae.decode(z).sample
         loss = F.mse_loss(rec, x) + 1e-4 * z.pow(2).mean()
@@ -347,9 +363,17 @@ def train_vae(work: Path, args, log) -> tuple:
     vae.eval()
     with torch.no_grad():
         scenes = sw.sample_scenes(256, seed=args.seed + 2)
-        z = vae.encode(images_to_tensor([s.image for s in scenes])).latent_dist.mean
+        z = vae.encode(images_to_tensor([s.image for s in scenes]).to(device)).latent_dist.mean
     scale = float(1.0 / z.std())
-    atomic_save({"model": vae.state_dict(), "scale": scale}, path)
+    atomic_save(
+        {
+            "model": vae.state_dict(),
+            "scale": scale,
+            "seconds": time.time() - start,
+            "device": device_name(device, args.threads),
+        },
+        path,
+    )
     log({"stage": "vae", "done": True, "scale": scale, "elapsed": time.time() - start})
     return vae, scale
 
@@ -357,19 +381,20 @@ def train_vae(work: Path, args, log) -> tuple:
 @torch.no_grad()
 def encode_dataset(work: Path, vae, scale: float, tokenizer, args, log) -> tuple:
     path = work / "latents.pt"
+    device = next(vae.parameters()).device
     if path.exists():
-        data = torch.load(path, weights_only=False)
-        return data["latents"], data["captions"]
+        data = torch.load(path, map_location="cpu", weights_only=False)
+        return data["latents"].to(device), data["captions"]
     start = time.time()
     rng = np.random.default_rng(args.seed + 3)
     latents, captions = [], []
     for begin in range(0, args.scenes, 256):
         scenes = [sw.random_scene(rng) for _ in range(min(256, args.scenes - begin))]
-        x = images_to_tensor([s.image for s in scenes])
+        x = images_to_tensor([s.image for s in scenes]).to(device)
         latents.append(vae.encode(x).latent_dist.mean * scale)
         captions += [s.caption for s in scenes]
     latents = torch.cat(latents)
-    atomic_save({"latents": latents, "captions": captions}, path)
+    atomic_save({"latents": latents.cpu(), "captions": captions}, path)
     log({"stage": "encode", "scenes": len(captions), "elapsed": time.time() - start})
     return latents, captions
 
@@ -381,8 +406,10 @@ def probe_set(vae, scale, args):
         sw.random_scene(rng, count=1 + (i % 2), name_background=0.5, name_colour=1.0)
         for i in range(args.probe_scenes)
     ]
+    device = next(vae.parameters()).device
     with torch.no_grad():
-        z = vae.encode(images_to_tensor([s.image for s in scenes])).latent_dist.mean * scale
+        x = images_to_tensor([s.image for s in scenes]).to(device)
+        z = vae.encode(x).latent_dist.mean * scale
     return z, scenes
 
 
@@ -391,8 +418,9 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
 
     tokenizer = build_tokenizer()
     vae, scale = train_vae(work, args, log)
+    vae_record = torch.load(work / "vae.pt", map_location="cpu", weights_only=False)
     vae.register_to_config(scaling_factor=scale)
-    ckpt = torch.load(work / f"{which}.pt", weights_only=False)
+    ckpt = torch.load(work / f"{which}.pt", map_location="cpu", weights_only=False)
     unet = make_unet(args)
     text_encoder = make_text_encoder(tokenizer, args.text_layers, args.text_hidden)
     unet.load_state_dict(ckpt["ema_unet"])
@@ -426,6 +454,15 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
                 "checkpoint": which,
                 "step": ckpt["step"],
                 "probe": ckpt.get("probe"),
+                # Where and how long it trained: the UNet's sessions (a resumed run may
+                # have moved between machines) and the autoencoder's stage.
+                "devices": sorted({s["device"] for s in ckpt.get("sessions", [])}),
+                "wall_seconds": {
+                    "vae": vae_record.get("seconds"),
+                    "unet": ckpt.get("seconds"),
+                },
+                "vae_device": vae_record.get("device"),
+                "sessions": ckpt.get("sessions", []),
                 "args": vars(args),
             },
             indent=2,
@@ -481,6 +518,12 @@ def main(argv=None) -> None:
     p.add_argument("--probe-scenes", type=int, default=24)
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where to train (same recipe: random draws stay on the CPU); export runs on the CPU",
+    )
     p.add_argument("--export", type=Path, default=None, help="pipeline folder to write")
     p.add_argument(
         "--export-from",
@@ -492,6 +535,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device here; use --device cpu")
+    device = torch.device(args.device)
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "log.jsonl"
@@ -512,7 +558,7 @@ def main(argv=None) -> None:
     (work / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
 
     tokenizer = build_tokenizer()
-    vae, scale = train_vae(work, args, log)
+    vae, scale = train_vae(work, args, log, device)
     vae.eval().requires_grad_(False)
     latents, captions = encode_dataset(work, vae, scale, tokenizer, args, log)
     token_ids = tokenize(tokenizer, captions)
@@ -531,16 +577,20 @@ def main(argv=None) -> None:
     )
     ema_unet.load_state_dict(unet.state_dict())
     ema_text.load_state_dict(text_encoder.state_dict())
+    for model in (unet, text_encoder, ema_unet, ema_text):
+        model.to(device)
     ema_unet.requires_grad_(False)
     ema_text.requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     scheduler = make_scheduler()
-    alphas = scheduler.alphas_cumprod
-    step, trained_seconds, best_score = 0, 0.0, -1.0
+    alphas = scheduler.alphas_cumprod.to(device)
+    step, trained_seconds, best_score, sessions = 0, 0.0, -1.0, []
+    # Every random draw comes from this CPU generator, so a run draws the same batches,
+    # noise and timesteps on any device.
     gen = torch.Generator().manual_seed(args.seed)
     if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         unet.load_state_dict(ckpt["unet"])
         text_encoder.load_state_dict(ckpt["text"])
         ema_unet.load_state_dict(ckpt["ema_unet"])
@@ -548,6 +598,7 @@ def main(argv=None) -> None:
         opt.load_state_dict(ckpt["opt"])
         gen.set_state(ckpt["gen"])
         step, trained_seconds, best_score = ckpt["step"], ckpt["seconds"], ckpt["best"]
+        sessions = ckpt.get("sessions", [])
         log({"stage": "resume", "step": step, "seconds": trained_seconds})
     n_params = sum(p.numel() for p in unet.parameters())
     log(
@@ -561,9 +612,12 @@ def main(argv=None) -> None:
     sink = install_recorders(unet)
     last_ckpt = time.time()
     session_start = time.time() - trained_seconds
+    this_session = {"device": device_name(device, args.threads), "from_step": step}
     recent: list[tuple[float, float]] = []
 
     def state(probe_figures=None) -> dict:
+        elapsed = time.time() - session_start
+        session = {**this_session, "to_step": step, "seconds": elapsed - trained_seconds}
         return {
             "unet": unet.state_dict(),
             "text": text_encoder.state_dict(),
@@ -572,19 +626,22 @@ def main(argv=None) -> None:
             "opt": opt.state_dict(),
             "gen": gen.get_state(),
             "step": step,
-            "seconds": time.time() - session_start,
+            "seconds": elapsed,
             "best": best_score,
             "probe": probe_figures,
+            "sessions": [*sessions, session],
         }
 
     while step < args.max_steps and time.time() - session_start < args.minutes * 60:
         idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
-        x0 = latents[idx]
+        x0 = latents[idx.to(device)]
         ids = token_ids[idx].clone()
         drop = torch.rand(args.batch, generator=gen) < args.uncond_prob
         ids[drop] = empty_ids
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        content = (content_ids[idx] & ~drop[:, None]).to(device)
+        ids = ids.to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         sink.clear()
@@ -597,11 +654,11 @@ def main(argv=None) -> None:
         loss = mse + args.entropy_weight * ramp * entropy
         coverage = torch.zeros(())
         if args.coverage_weight > 0:
-            coverage = coverage_loss(sink, content_ids[idx] & ~drop[:, None], args.coverage_frac)
+            coverage = coverage_loss(sink, content, args.coverage_frac)
             loss = loss + args.coverage_weight * ramp * coverage
         smooth = torch.zeros(())
         if args.smooth_weight > 0:
-            smooth = smoothness_loss(sink, content_ids[idx] & ~drop[:, None])
+            smooth = smoothness_loss(sink, content)
             loss = loss + args.smooth_weight * ramp * smooth
         opt.zero_grad()
         loss.backward()

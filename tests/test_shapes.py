@@ -89,6 +89,34 @@ def test_foreground_mask_reads_any_object_back():
         assert np.logical_and(found, truth).sum() / np.logical_or(found, truth).sum() >= 0.98
 
 
+def test_object_silhouette_cuts_out_the_largest_object_whatever_its_size_and_colour():
+    def silhouette(objects, background="white"):
+        return sw.object_silhouette(sw.render_scene(objects, background, caption_text="").image)
+
+    star = silhouette([sw.ShapeObject("star", "blue", (24, 30), 15, angle=0.4)])
+    assert star.shape == (24, 24) and star.dtype == np.float32
+    assert 0.0 <= star.min() and star.max() == 1.0
+    # The object spans the square along its longer side: both edges are touched.
+    rows, cols = star.sum(axis=1), star.sum(axis=0)
+    assert (rows[0] > 0 and rows[-1] > 0) or (cols[0] > 0 and cols[-1] > 0)
+    # Cropping normalises place, size, colour and background: a small yellow star elsewhere
+    # on black gives nearly the same silhouette, a circle or a triangle does not.
+    small = silhouette([sw.ShapeObject("star", "yellow", (44, 20), 9, angle=0.4)], "black")
+    assert np.abs(small - star).mean() < 0.1  # 0.087: the small one is coarser
+    for other in ("circle", "square", "triangle"):
+        shape = silhouette([sw.ShapeObject(other, "blue", (24, 30), 15, angle=0.4)])
+        assert np.abs(shape - star).mean() > 2 * np.abs(small - star).mean()
+    # Of several objects, the largest one alone.
+    with_square = silhouette(
+        [
+            sw.ShapeObject("star", "blue", (24, 30), 15, angle=0.4),
+            sw.ShapeObject("square", "red", (54, 8), 6),
+        ]
+    )
+    assert (with_square == star).all()
+    assert silhouette([], "cream") is None
+
+
 def test_renderer_refuses_unknown_names():
     with pytest.raises(DiffuMaskError, match="hexagon"):
         sw.render_scene([sw.ShapeObject("hexagon", "red", (32, 32), 10)])
