@@ -357,7 +357,8 @@ def remove_small_components(mask: Array, min_pixels: int) -> np.ndarray:
         components, count = ndimage.label(mask == class_id)
         keep = (np.bincount(components.ravel(), minlength=count + 1) >= min_pixels).astype(np.uint8)
         keep[0] = 1  # not this class
-        out = out * keep[components]
+        if not keep.all():  # the relabelling pass costs more than the labelling
+            out = out * keep[components]
     return out
 
 
