@@ -131,7 +131,7 @@ def make_unet(args):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         mid_block_type=args.mid_block,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=tuple(args.channels),
         layers_per_block=1,
         cross_attention_dim=args.text_hidden,
         # Legacy diffusers naming: this is the number of heads.
@@ -241,6 +241,17 @@ def smoothness_loss(records, content: torch.Tensor) -> torch.Tensor:
         )  # [B, T]
         values.append((tv * weights).sum() / weights.sum())
     return torch.stack(values).mean()
+
+
+def snr_weight(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR loss weighting for the epsilon objective (Hang et al. 2023): each sample's
+    loss times min(SNR, gamma) / SNR, which lowers the weight of the nearly clean
+    timesteps (SNR > gamma) so training spends itself on the noisy ones, where an
+    object's shape is decided. gamma 0: every timestep weighted 1 (the plain loss)."""
+    if gamma <= 0:
+        return torch.ones_like(alpha_bar)
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
 
 
 def query_entropy(records) -> torch.Tensor:
@@ -483,8 +494,9 @@ def main(argv=None) -> None:
     p.add_argument(
         "--max-steps",
         type=int,
-        default=11_817,
-        help="UNet steps (the shipped run's 11817); a step count, not a time, keeps runs equal",
+        default=14_000,
+        help="UNet steps (run T's 14000; run S's 11817); a step count, not a time, keeps "
+        "runs equal",
     )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -493,6 +505,18 @@ def main(argv=None) -> None:
     p.add_argument("--text-layers", type=int, default=0, help="0: token-local embeddings")
     p.add_argument("--text-hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=1)
+    p.add_argument(
+        "--channels",
+        type=lambda text: [int(c) for c in text.split(",")],
+        default=[32, 64, 64],
+        help="UNet block widths, comma-separated (three levels: 16, 8 and 4 latent pixels)",
+    )
+    p.add_argument(
+        "--min-snr-gamma",
+        type=float,
+        default=5.0,
+        help="min-SNR loss weighting (0: the plain epsilon loss, as runs A-S)",
+    )
     p.add_argument("--only-cross", action="store_true", help="no self-attention in the UNet")
     p.add_argument("--mid-block", default="UNetMidBlock2D")
     p.add_argument("--entropy-weight", type=float, default=0.05)
@@ -517,6 +541,13 @@ def main(argv=None) -> None:
     p.add_argument("--probe-every", type=int, default=200)
     p.add_argument("--probe-scenes", type=int, default=24)
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
+    p.add_argument(
+        "--snapshots",
+        type=lambda text: [int(c) for c in text.split(",") if c],
+        default=[11_817],
+        help="steps at which a copy of the checkpoint is kept (snapshot-STEP.pt), so a "
+        "longer run can be compared with a shorter one: 11817 is run S's length",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--device",
@@ -527,9 +558,9 @@ def main(argv=None) -> None:
     p.add_argument("--export", type=Path, default=None, help="pipeline folder to write")
     p.add_argument(
         "--export-from",
-        choices=("best", "ckpt"),
         default="ckpt",
-        help="ckpt: the last checkpoint; best: the best by the probe's thresholded IoU",
+        help="ckpt: the last checkpoint; best: the best by the probe's thresholded IoU; "
+        "snapshot-STEP: a kept snapshot (--snapshots)",
     )
     p.add_argument("--export-only", action="store_true")
     args = p.parse_args(argv)
@@ -548,6 +579,8 @@ def main(argv=None) -> None:
         with log_path.open("a") as fh:
             fh.write(line + "\n")
 
+    if not (work / f"{args.export_from}.pt").exists() and args.export_only:
+        sys.exit(f"--export-from {args.export_from}: {work / args.export_from}.pt does not exist")
     if args.export_only:
         export(work, args.export_from, args.export, args, log)
         return
@@ -646,12 +679,14 @@ def main(argv=None) -> None:
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         sink.clear()
         pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        mse = F.mse_loss(pred, noise)
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        mse = per_sample.mean()  # logged unweighted, comparable across objectives
+        denoise = (per_sample * snr_weight(a.view(-1), args.min_snr_gamma)).mean()
         entropy = query_entropy(sink)
         ramp = min(1.0, max(0.0, (step - args.entropy_start) / max(args.entropy_warmup, 1)))
         if args.entropy_stop is not None and step >= args.entropy_stop:
             ramp = 0.0
-        loss = mse + args.entropy_weight * ramp * entropy
+        loss = denoise + args.entropy_weight * ramp * entropy
         coverage = torch.zeros(())
         if args.coverage_weight > 0:
             coverage = coverage_loss(sink, content, args.coverage_frac)
@@ -692,6 +727,8 @@ def main(argv=None) -> None:
             if score > best_score:
                 best_score = score
                 atomic_save(state(figures), work / "best.pt")
+        if step in args.snapshots:
+            atomic_save(state(), work / f"snapshot-{step}.pt")
         if time.time() - last_ckpt > args.ckpt_minutes * 60:
             atomic_save(state(), ckpt_path)
             last_ckpt = time.time()
