@@ -342,23 +342,37 @@ def apply_band(
     return mask | uncertain.to(torch.uint8) * IGNORE  # 255 | anything = 255
 
 
-def remove_small_components(mask: Array, min_pixels: int) -> np.ndarray:
+def remove_small_components(
+    mask: Array, min_pixels: int, class_ids: Sequence[int] | None = None
+) -> np.ndarray:
     """Relabel as background every class component smaller than `min_pixels` (4-connected).
-    On the CPU, at mask size: scipy's labelling is cheap there."""
+    On the CPU, at mask size: scipy's labelling is cheap there, and cheaper still on the
+    box around the class's pixels. class_ids: the values to clean (default: every value
+    in the mask but 0 and 255)."""
     from scipy import ndimage
 
     mask = np.asarray(mask)
     if min_pixels <= 1:
         return mask
+    if class_ids is None:
+        class_ids = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
     out = mask
-    for class_id in np.flatnonzero(np.bincount(mask.ravel(), minlength=256)):
-        if class_id in (0, IGNORE):
+    for class_id in sorted(set(int(c) for c in class_ids) - {0, IGNORE}):
+        inside = mask == class_id
+        rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+        if not len(rows):
             continue
-        components, count = ndimage.label(mask == class_id)
-        keep = (np.bincount(components.ravel(), minlength=count + 1) >= min_pixels).astype(np.uint8)
+        box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        components, count = ndimage.label(inside[box])
+        if count == 1:
+            sizes = np.array([0, np.count_nonzero(components)])
+        else:
+            sizes = np.bincount(components.ravel(), minlength=count + 1)
+        keep = (sizes >= min_pixels).astype(np.uint8)
         keep[0] = 1  # not this class
         if not keep.all():  # the relabelling pass costs more than the labelling
-            out = out * keep[components]
+            out = out.copy() if out is mask else out
+            out[box] *= keep[components]
     return out
 
 
@@ -369,22 +383,26 @@ def quality_score(mask: Array, scores: Array, ids: Sequence[int]) -> float:
     the other labelled pixels (0 if the class got no pixels), averaged over classes,
     then multiplied by the share of pixels that are not 255. Crisp, confident maps score
     near 1; flat or contradictory maps, or masks that lost a class, near 0.
-    (On the CPU: it needs the cleaned mask, which is there. Sums in float64, by mask
-    value, in one pass per class.)
+    (On the CPU, where the cleaned mask is: counts by comparison, sums as dot products
+    with the class's pixels, several times cheaper than a histogram by mask value.)
     """
     mask = np.asarray(mask).ravel()
     scores = np.asarray(as_tensor(scores, "cpu")).reshape(len(ids), -1)
-    pixels = np.bincount(mask, minlength=256)
-    labelled = mask.size - int(pixels[IGNORE])
+    unlabelled = mask == IGNORE
+    labelled = mask.size - np.count_nonzero(unlabelled)
     separations = []
     for score, class_id in zip(scores, ids, strict=True):
-        inside, outside = int(pixels[class_id]), labelled - int(pixels[class_id])
+        in_class = mask == class_id
+        inside = np.count_nonzero(in_class)
+        outside = labelled - inside
         if not inside or not outside:
             separations.append(0.0)
             continue
-        sums = np.bincount(mask, weights=score, minlength=256)
-        total = float(sums.sum() - sums[IGNORE])
-        separations.append(float(sums[class_id]) / inside - (total - sums[class_id]) / outside)
+        within = float(np.dot(score, in_class.astype(np.float32)))
+        total = float(score.sum(dtype=np.float64)) - float(
+            np.dot(score, unlabelled.astype(np.float32))
+        )
+        separations.append(within / inside - (total - within) / outside)
     separation = float(np.clip(np.mean(separations), 0.0, 1.0))
     return round(separation * labelled / mask.size, 6)
 
@@ -441,7 +459,7 @@ def finish(cut: Cut) -> list[Refined]:
     """The CPU part: small components dropped, quality scored, one Refined per image."""
     refined = []
     for mask, scores, names, ids, chain in zip(*(getattr(cut, n) for n in CUT_LISTS), strict=True):
-        mask = remove_small_components(mask.numpy(), cut.min_pixels)
+        mask = remove_small_components(mask.numpy(), cut.min_pixels, ids)
         attention = {name: scores[j].numpy() for j, name in enumerate(names)}
         refined.append(Refined(mask, attention, quality_score(mask, scores, ids), chain))
     return refined

@@ -148,6 +148,30 @@ def test_small_components_are_dropped():
     assert (out[2:12, 2:12] == 1).all()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_cleanup_in_the_class_box_equals_labelling_the_whole_mask(seed):
+    """The cleanup labels each class inside the box around its pixels: same masks as
+    labelling the whole image, with the classes named or found."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((64, 64), np.uint8)
+    for class_id in (3, 7):
+        for _ in range(6):
+            y, x, h, w = rng.integers(0, 60), rng.integers(0, 60), *rng.integers(1, 12, 2)
+            mask[y : y + h, x : x + w] = class_id
+    mask[rng.random(mask.shape) < 0.01] = IGNORE
+    before = mask.copy()
+    expected = mask.copy()
+    for class_id in (3, 7):
+        components, _ = ndimage.label(mask == class_id)
+        sizes = np.bincount(components.ravel())
+        expected[(components > 0) & (sizes[components] < 20)] = 0
+    np.testing.assert_array_equal(remove_small_components(mask, 20, [3, 7, 9]), expected)
+    np.testing.assert_array_equal(remove_small_components(mask, 20), expected)
+    np.testing.assert_array_equal(mask, before)  # the input is left as it was
+
+
 def test_quality_orders_crisp_above_flat():
     rng = np.random.default_rng(0)
     crisp = np.where(disc((32, 32), 12), 0.95, 0.05)[None] + rng.normal(0, 0.02, (1, *SIZE))
