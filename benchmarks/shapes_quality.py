@@ -262,15 +262,28 @@ def classifier_accuracy(net, n: int, seed: int) -> dict[str, float]:
     return {s: float((named[labels == i] == i).mean()) for i, s in enumerate(sw.SHAPES)}
 
 
-def shape_fidelity(net, images, prompts, kept, coloured) -> tuple[dict[str, dict], list[str]]:
+def rendered_areas(n: int, seed: int) -> dict[str, float]:
+    """Median pixel area per shape of n rendered single objects (the world's sizes)."""
+    rng = np.random.default_rng(seed)
+    areas: dict[str, list[int]] = {s: [] for s in sw.SHAPES}
+    for _ in range(n):
+        scene = sw.random_scene(rng, count=1)
+        areas[scene.objects[0].shape].append(int((scene.instances == 1).sum()))
+    return {s: float(np.median(a)) for s, a in areas.items()}
+
+
+def shape_fidelity(net, images, prompts, kept, coloured, refs) -> tuple[dict[str, dict], list[str]]:
     """Per prompted shape: how many images were prompted, drew an object, drew the named
     colour, and drew an object the classifier names as the prompted shape (an image that
-    drew nothing counts as a miss); `named_as` counts what each object was named. Also
-    each image's name ("none" where nothing was drawn)."""
+    drew nothing counts as a miss); `named_as` counts what each object was named; the
+    median area of the drawn objects (read off their pixels) beside that of rendered ones,
+    do the model's objects come out at the world's sizes? Also each image's name ("none"
+    where nothing was drawn)."""
     out = {
         s: {"prompted": 0, "drew": 0, "named_colour": 0, "named_shape": 0, "named_as": {}}
         for s in sw.SHAPES
     }
+    drawn_areas: dict[str, list[int]] = {s: [] for s in sw.SHAPES}
     drawn = [i for i, keep in enumerate(kept) if keep]
     silhouettes = [sw.object_silhouette(np.asarray(images[i]), SILHOUETTE) for i in drawn]
     named = (
@@ -284,8 +297,13 @@ def shape_fidelity(net, images, prompts, kept, coloured) -> tuple[dict[str, dict
         row["drew"] += int(label != "none")
         row["named_shape"] += int(label == shape)
         row["named_as"][label] = row["named_as"].get(label, 0) + 1
-    for row in out.values():
+        if label != "none":
+            drawn_areas[shape].append(int((refs[i] > 0).sum()))
+    rendered = rendered_areas(1024, 20_000)
+    for shape, row in out.items():
         row["accuracy"] = row["named_shape"] / max(row["prompted"], 1)
+        row["median_area_drawn"] = float(np.median(drawn_areas[shape] or [0]))
+        row["median_area_rendered"] = rendered[shape]
     return out, labels
 
 
@@ -297,13 +315,14 @@ def print_shape_fidelity(check: dict[str, float], held_out: int, fidelity: dict)
     )
     print(
         f"{'shape':<10}{'prompted':>9}{'drew':>6}{'in colour':>10}{'named':>7}{'accuracy':>10}"
-        "  named as"
+        f"{'area drawn/rendered':>21}  named as"
     )
     for shape, r in fidelity.items():
         named_as = ", ".join(f"{k} {v}" for k, v in sorted(r["named_as"].items()))
+        areas = f"{r['median_area_drawn']:.0f}/{r['median_area_rendered']:.0f} px"
         print(
             f"{shape:<10}{r['prompted']:>9}{r['drew']:>6}{r['named_colour']:>10}"
-            f"{r['named_shape']:>7}{r['accuracy']:>10.1%}  {named_as}"
+            f"{r['named_shape']:>7}{r['accuracy']:>10.1%}{areas:>21}  {named_as}"
         )
 
 
@@ -424,7 +443,7 @@ def main(argv=None) -> dict:
     classifier = train_shape_classifier(args.seed)
     held_out = 1024
     check = classifier_accuracy(classifier, held_out, args.seed + 10_000)
-    shapes, names = shape_fidelity(classifier, images, prompts, kept, coloured)
+    shapes, names = shape_fidelity(classifier, images, prompts, kept, coloured, refs)
     shapes_report = {
         "classifier_held_out_accuracy": check,
         "classifier_held_out_objects": held_out,
