@@ -216,6 +216,7 @@ class DiffuMask:
             affinity_factor=(params.affinity_factor or default_affinity_factor(self.pipe))
             if params.needs_affinity
             else None,
+            affinity_steps=params.affinity_steps,
             conditional_half=self.family.conditional_half(guidance_scale),
             map_kind=map_kind,
         )

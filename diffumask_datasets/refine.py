@@ -48,7 +48,9 @@ class Refinement:
     affinity_power: random-walk steps through the self-attention matrix.
     band: pixels whose winning score lies within band/2 of the threshold are labelled 255.
     min_area: connected components smaller than this fraction of the image are dropped.
-    cross_factors / affinity_factor / steps: what capture keeps (see CaptureOptions).
+    cross_factors / affinity_factor / steps / affinity_steps: what capture keeps (see
+        CaptureOptions). affinity_steps=(10, 20) of 20 steps halves the affinity's capture
+        cost; on the shapes benchmark its masks matched every step's (BENCHMARKS.md).
     """
 
     method: str = "adaptive"
@@ -60,6 +62,7 @@ class Refinement:
     cross_factors: tuple[int, ...] | None = None
     affinity_factor: int | None = None
     steps: tuple[int, int] | None = None
+    affinity_steps: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -75,6 +78,16 @@ class Refinement:
             raise DiffuMaskError(
                 f"refinement gammas={self.gammas} must be (first, last, step) with "
                 "0 <= first <= last <= 1 and step > 0"
+            )
+        window = self.affinity_steps
+        if window is not None and not (
+            len(window) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in window)
+            and 0 <= window[0] < window[1]
+        ):
+            raise DiffuMaskError(
+                f"refinement affinity_steps={window!r} must be (start, stop) step indices "
+                "with 0 <= start < stop, e.g. (10, 20) for the last half of 20 steps"
             )
         if int(self.affinity_power) < 1:
             raise DiffuMaskError(f"refinement affinity_power={self.affinity_power} must be >= 1")
@@ -98,7 +111,7 @@ class Refinement:
                 raise DiffuMaskError(
                     f"unknown refinement parameter(s) {unknown}; known: {sorted(known)}"
                 )
-            tuples = ("gammas", "cross_factors", "steps")
+            tuples = ("gammas", "cross_factors", "steps", "affinity_steps")
             return cls(
                 **{k: tuple(v) if k in tuples and v is not None else v for k, v in value.items()}
             )

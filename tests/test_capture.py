@@ -101,6 +101,30 @@ def test_step_range_accumulates_only_those_steps(pipe):
     assert cap.result().steps == 1
 
 
+def test_affinity_steps_take_the_affinity_from_those_steps_alone(pipe):
+    """affinity_steps narrows the affinity's steps, not the cross-attention's: its affinity
+    is that of a capture of those steps only, its maps those of every step, its image
+    the plain pipeline's."""
+    noise, prompts = latents(1), ["a photo of a bird"]
+    plain = run(pipe, prompts, noise)
+    with trace(pipe, [[5]], CaptureOptions(affinity_factor=1, affinity_steps=(1, 3))) as late:
+        image = run(pipe, prompts, noise)
+    with trace(pipe, [[5]], CaptureOptions(affinity_factor=1, steps=(1, 3))) as only:
+        run(pipe, prompts, noise)
+    with trace(pipe, [[5]], CaptureOptions(affinity_factor=1)) as every:
+        run(pipe, prompts, noise)
+    assert np.abs(plain - image).max() == 0
+    late, only, every = late.result(), only.result(), every.result()
+    np.testing.assert_array_equal(late.affinity, only.affinity)
+    assert np.abs(late.affinity - every.affinity).max() > 1e-4
+    for size, maps in every.cross.items():
+        np.testing.assert_array_equal(late.cross[size], maps)
+    with pytest.raises(DiffuMaskError, match=r"affinity_steps=\[5, 9\] selected none of the 3"):
+        with trace(pipe, [[5]], CaptureOptions(affinity_factor=1, affinity_steps=(5, 9))) as cap:
+            run(pipe, prompts, noise)
+        cap.result()
+
+
 def test_resolution_selection(pipe):
     with trace(pipe, [[5]], CaptureOptions(cross_factors=(2,))) as cap:
         run(pipe, ["a photo of a bird"], latents(1))

@@ -148,6 +148,22 @@ def test_probabilities_equal_a_reference_softmax_over_the_joint_row(
             torch.testing.assert_close(got[p, :, :, c], expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("model", ["builtin:tiny-random-sd3", "builtin:tiny-random-flux"])
+def test_affinity_steps_take_the_affinity_from_those_steps_alone(model):
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    with trace(pipe, tokens(pipe), options(pipe, affinity_factor=1, affinity_steps=(1, 2))) as late:
+        run(pipe)
+    with trace(pipe, tokens(pipe), options(pipe, affinity_factor=1, steps=(1, 2))) as only:
+        run(pipe)
+    with trace(pipe, tokens(pipe), options(pipe, affinity_factor=1)) as every:
+        run(pipe)
+    late, only, every = late.result(), only.result(), every.result()
+    np.testing.assert_array_equal(late.affinity, only.affinity)
+    assert np.abs(late.affinity - every.affinity).max() > 1e-6
+    np.testing.assert_array_equal(late.cross[(4, 4)], every.cross[(4, 4)])
+
+
 def test_flux_negative_pass_is_not_read():
     """With true_cfg_scale > 1 FLUX.1 runs the negative prompt as a second call per step;
     the maps of the first step are those of the positive pass alone."""

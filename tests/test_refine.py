@@ -200,6 +200,9 @@ def test_rethreshold_higher_threshold_fewer_pixels():
         ({"threshold": 1.5}, r"threshold=1.5 is outside \[0, 1\]"),
         ({"thresold": 0.5}, r"unknown refinement parameter\(s\) \['thresold'\]"),
         ({"gammas": [0.5, 0.3, 0.01]}, r"gammas=\(0.5, 0.3, 0.01\)"),
+        ({"affinity_steps": [10, 5]}, r"affinity_steps=\(10, 5\) must be \(start, stop\)"),
+        ({"affinity_steps": [-1, 5]}, r"affinity_steps=\(-1, 5\)"),
+        ({"affinity_steps": [0.5, 1]}, r"affinity_steps=\(0.5, 1\)"),
         (3, r"not a method name"),
     ],
 )

@@ -179,7 +179,7 @@ class _Store(Store):
             out = kwargs["plain"]()
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=kwargs.get("mask"))
-        if affinity:
+        if affinity and self.affinity_active:
             self.add_affinity(
                 mean_attention(query[rows:, :, image], key[rows:, :, image]), self.grid
             )

@@ -55,6 +55,8 @@ class CaptureOptions:
     affinity_factor: the factor at which to keep self-attention as an affinity matrix
         (heads, layers and steps averaged); None keeps none. MMDiT models: 1, taken from
         the image-to-image part of the joint attention of `affinity_blocks`.
+    affinity_steps: (start, stop) step indices whose self-attention makes the affinity,
+        within `steps`; None: every step read. Self-attention outside it runs plain.
     conditional_half: with classifier-free guidance the denoiser's batch is
         [uncond, cond]; only the conditional half is read.
     affinity_blocks: MMDiT only: indices of the joint (double-stream) blocks whose
@@ -69,6 +71,7 @@ class CaptureOptions:
     cross_factors: tuple[int, ...] | None = None
     steps: tuple[int, int] | None = None
     affinity_factor: int | None = None
+    affinity_steps: tuple[int, int] | None = None
     conditional_half: bool = True
     affinity_blocks: tuple[int, ...] | None = None
     map_kind: str = "cross"
@@ -250,6 +253,12 @@ class Store:
         steps = self.options.steps
         return steps is None or steps[0] <= self.step < steps[1]
 
+    @property
+    def affinity_active(self) -> bool:
+        """Whether this step's self-attention goes into the affinity."""
+        steps = self.options.affinity_steps
+        return self.active and (steps is None or steps[0] <= self.step < steps[1])
+
     def split(self, batch: int, denoiser: str = "UNet") -> int:
         """Where the conditional rows of the denoiser's batch start."""
         prompts = len(self.tokens)
@@ -298,6 +307,12 @@ class Store:
         affinity = None
         if self.affinity is not None:
             affinity = (self.affinity / self.affinity_adds).cpu().numpy()
+        elif self.options.affinity_factor is not None and self.options.affinity_steps:
+            raise DiffuMaskError(
+                f"affinity_steps={list(self.options.affinity_steps)} selected none of the "
+                f"{len(self.steps_seen)} denoising steps read (indices from 0); choose a "
+                "range inside them, or None for every step"
+            )
         return Captured(
             cross=cross,
             tokens=self.tokens,

@@ -88,6 +88,8 @@ class _Store(Store):
             out, picked = attend_keeping_columns(query, key, value, split, self.columns, mask=mask)
             self.add_cross(picked.mean(dim=1), self.map_size(picked.shape[2]))
             return out
+        if not self.affinity_active:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
         if mask is None:
             out, lse = attention_with_lse(query, key, value)
         else:

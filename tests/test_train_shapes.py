@@ -1,0 +1,76 @@
+"""The shapes model's training script: the loss weighting, and a run that stops and
+resumes ends where an uninterrupted one does (runs span sessions on these 2 cores)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import train_shapes  # noqa: E402
+
+TINY = [
+    "--vae-steps", "2", "--scenes", "64", "--probe-scenes", "4", "--probe-every", "1000",
+    "--batch", "4", "--entropy-start", "1", "--entropy-stop", "3", "--snapshots", "2",
+]  # fmt: skip
+
+
+def test_min_snr_weight_lowers_only_the_nearly_clean_timesteps():
+    alpha_bar = torch.tensor([0.999, 0.9, 5 / 6, 0.5, 0.01])  # SNR 999, 9, 5, 1, ~0.01
+    weight = train_shapes.snr_weight(alpha_bar, 5.0)
+    torch.testing.assert_close(weight[:2], torch.tensor([5 / 999, 5 / 9]))
+    torch.testing.assert_close(weight[2:], torch.ones(3))
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory) -> Path:
+    """A work folder whose autoencoder and latents (cached stages) the runs start from,
+    so each test pays for the UNet steps only."""
+    work = tmp_path_factory.mktemp("stages")
+    train_shapes.main(["--work", str(work), "--max-steps", "0", *TINY])
+    return work
+
+
+def train(stages: Path, work: Path, steps: int, *extra: str) -> dict:
+    if not work.exists():
+        work.mkdir()
+        for stage in ("vae.pt", "latents.pt"):
+            shutil.copy(stages / stage, work / stage)
+    train_shapes.main(["--work", str(work), "--max-steps", str(steps), *TINY, *extra])
+    return torch.load(work / "ckpt.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("gamma", ["5", "0"])
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(stages, tmp_path, gamma):
+    whole = train(stages, tmp_path / "whole", 4, "--min-snr-gamma", gamma)
+    train(stages, tmp_path / "parts", 2, "--min-snr-gamma", gamma)
+    parts = train(stages, tmp_path / "parts", 4, "--min-snr-gamma", gamma, "--resume")
+    assert parts["step"] == whole["step"] == 4
+    for name in ("unet", "text", "ema_unet"):
+        for key, value in whole[name].items():
+            assert torch.equal(parts[name][key], value), (name, key)
+    snapshot = torch.load(tmp_path / "whole" / "snapshot-2.pt", weights_only=False)
+    assert snapshot["step"] == 2
+    moved = [k for k, v in whole["unet"].items() if not torch.equal(v, snapshot["unet"][k])]
+    assert moved  # the snapshot is the run at step 2, not a copy of the end
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(stages, tmp_path):
+    train(stages, tmp_path / "run", 1)
+    with pytest.raises(SystemExit, match="--resume"):
+        train(stages, tmp_path / "run", 1)
+
+
+def test_the_autoencoder_is_seeded(tmp_path):
+    """Two runs of one seed build the same autoencoder in one process (its weights were
+    once drawn before the seed was set)."""
+    scales = []
+    for name in ("a", "b"):
+        train_shapes.main(["--work", str(tmp_path / name), "--max-steps", "0", *TINY])
+        scales.append(torch.load(tmp_path / name / "vae.pt", weights_only=False)["scale"])
+    assert scales[0] == scales[1]
