@@ -11,11 +11,13 @@ well the cross-attention of the shape and colour words overlaps the objects in h
 scenes. The schedule: 315 steps without the term, the term at weight 0.05 until step
 4357 (attention collapses onto a sink token), then without it (the remainder on the object
 words localises). The defaults are run T (BENCHMARKS.md, shapes-training): that schedule
-with min-SNR loss weighting (gamma 5), 14,000 steps; it is being trained and is not
-shipped yet. The shipped weights are run S, 78 minutes end to end on 2 CPU cores:
+with min-SNR loss weighting (gamma 5), 14,000 steps, the autoencoder seeded and
+trained 2,000 steps; it is being trained and is not shipped yet. The shipped weights are
+run S, 78 minutes end to end on 2 CPU cores (its autoencoder's initial weights were not
+seeded, so a rerun draws another autoencoder):
 
     python scripts/train_shapes.py --work runs/shapes-S --min-snr-gamma 0 --max-steps 11817 \
-        --export diffumask_datasets/weights/shapes      # run S, the shipped weights
+        --vae-steps 800 --export diffumask_datasets/weights/shapes    # run S's recipe
     python scripts/train_shapes.py --work runs/shapes --export runs/shapes/export   # run T
     python scripts/train_shapes.py --work runs/shapes --resume --export ...   # after a stop
     python scripts/train_shapes.py --device cuda ...   # the same recipe on a GPU
@@ -377,18 +379,31 @@ def train_vae(work: Path, args, log, device: torch.device = torch.device("cpu"))
     vae.eval()
     with torch.no_grad():
         scenes = sw.sample_scenes(256, seed=args.seed + 2)
-        z = vae.encode(images_to_tensor([s.image for s in scenes]).to(device)).latent_dist.mean
+        x = images_to_tensor([s.image for s in scenes]).to(device)
+        z = vae.encode(x).latent_dist.mean
+        # Held-out round trip: what the autoencoder costs every image the model draws
+        # (run S's: 0.0088, the image's pixels in [-1, 1]).
+        held_out_mse = F.mse_loss(vae.decode(z).sample, x).item()
     scale = float(1.0 / z.std())
     atomic_save(
         {
             "model": vae.state_dict(),
             "scale": scale,
+            "held_out_mse": held_out_mse,
             "seconds": time.time() - start,
             "device": device_name(device, args.threads),
         },
         path,
     )
-    log({"stage": "vae", "done": True, "scale": scale, "elapsed": time.time() - start})
+    log(
+        {
+            "stage": "vae",
+            "done": True,
+            "scale": scale,
+            "held_out_mse": held_out_mse,
+            "elapsed": time.time() - start,
+        }
+    )
     return vae, scale
 
 
@@ -476,6 +491,7 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
                     "unet": ckpt.get("seconds"),
                 },
                 "vae_device": vae_record.get("device"),
+                "vae_held_out_mse": vae_record.get("held_out_mse"),
                 "sessions": ckpt.get("sessions", []),
                 "args": vars(args),
             },
@@ -503,7 +519,12 @@ def main(argv=None) -> None:
     )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument(
+        "--vae-steps",
+        type=int,
+        default=2000,
+        help="autoencoder steps at batch 16 (runs A-S: 800; its round trip caps every mask)",
+    )
     p.add_argument("--scenes", type=int, default=30_000)
     p.add_argument("--text-layers", type=int, default=0, help="0: token-local embeddings")
     p.add_argument("--text-hidden", type=int, default=64)
