@@ -74,3 +74,10 @@ def test_the_autoencoder_is_seeded(tmp_path):
         train_shapes.main(["--work", str(tmp_path / name), "--max-steps", "0", *TINY])
         scales.append(torch.load(tmp_path / name / "vae.pt", weights_only=False)["scale"])
     assert scales[0] == scales[1]
+
+
+def test_exporting_a_snapshot_that_was_not_kept_names_it(stages, tmp_path):
+    args = ["--work", str(stages), "--export-only", "--export", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"--export-from snapshot-9: .*snapshot-9\.pt does not"):
+        train_shapes.main([*args, "--export-from", "snapshot-9"])
+    assert not (tmp_path / "out").exists()
