@@ -81,7 +81,8 @@ class Refinement:
             )
         window = self.affinity_steps
         if window is not None and not (
-            len(window) == 2
+            isinstance(window, tuple | list)
+            and len(window) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) for v in window)
             and 0 <= window[0] < window[1]
         ):
@@ -113,7 +114,10 @@ class Refinement:
                 )
             tuples = ("gammas", "cross_factors", "steps", "affinity_steps")
             return cls(
-                **{k: tuple(v) if k in tuples and v is not None else v for k, v in value.items()}
+                **{
+                    k: tuple(v) if k in tuples and isinstance(v, list | tuple) else v
+                    for k, v in value.items()
+                }
             )
         raise DiffuMaskError(f"refinement {value!r} is not a method name, a dict or a Refinement")
 

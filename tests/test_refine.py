@@ -203,6 +203,7 @@ def test_rethreshold_higher_threshold_fewer_pixels():
         ({"affinity_steps": [10, 5]}, r"affinity_steps=\(10, 5\) must be \(start, stop\)"),
         ({"affinity_steps": [-1, 5]}, r"affinity_steps=\(-1, 5\)"),
         ({"affinity_steps": [0.5, 1]}, r"affinity_steps=\(0.5, 1\)"),
+        ({"affinity_steps": 10}, r"affinity_steps=10 must be \(start, stop\)"),
         (3, r"not a method name"),
     ],
 )
