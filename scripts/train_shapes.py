@@ -40,6 +40,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,7 @@ def make_unet(args):
     )
 
 
-def make_scheduler(kind: str = "ddpm"):
+def make_scheduler(kind: str = "ddpm", prediction: str = "epsilon"):
     from diffusers import DDIMScheduler, DDPMScheduler
 
     common = dict(
@@ -155,6 +156,7 @@ def make_scheduler(kind: str = "ddpm"):
         beta_end=0.012,
         beta_schedule="scaled_linear",
         clip_sample=False,
+        prediction_type=prediction,
     )
     if kind == "ddim":
         return DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1)
@@ -248,13 +250,75 @@ def smoothness_loss(records, content: torch.Tensor) -> torch.Tensor:
     return torch.stack(values).mean()
 
 
-def snr_weight(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR loss weighting for the epsilon objective (Hang et al. 2023): each sample's
-    loss times min(SNR, gamma) / SNR, which lowers the weight of the nearly clean
-    timesteps (SNR > gamma) so training spends itself on the noisy ones, where an
-    object's shape is decided."""
+def snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction: str = "epsilon") -> torch.Tensor:
+    """Min-SNR loss weighting (Hang et al. 2023): each sample's epsilon loss times
+    min(SNR, gamma) / SNR, which lowers the weight of the nearly clean timesteps
+    (SNR > gamma) so training spends itself on the noisy ones, where an object's shape is
+    decided. The v objective's loss is (SNR + 1) times the epsilon loss's scale at x0, so
+    its weight is min(SNR, gamma) / (SNR + 1)."""
     snr = alpha_bar / (1 - alpha_bar)
-    return snr.clamp(max=gamma) / snr
+    return snr.clamp(max=gamma) / (snr if prediction == "epsilon" else snr + 1)
+
+
+def denoising_losses(
+    unet, text_encoder, sink: list, batch: dict, alphas: torch.Tensor, args
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of one batch and its figures (epsilon MSE, entropy, coverage,
+    smoothness) as one tensor. Free of host syncs, so a CUDA graph can capture it."""
+    x0, noise = batch["x0"], batch["noise"]
+    a = alphas[batch["t"]].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    sink.clear()
+    pred = unet(noisy, batch["t"], encoder_hidden_states=text_encoder(batch["ids"])[0]).sample
+    if args.prediction == "epsilon":
+        target, eps = noise, pred
+    else:  # v = sqrt(a) noise - sqrt(1 - a) x0
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        eps = a.sqrt() * pred + (1 - a).sqrt() * noisy
+    mse = F.mse_loss(eps, noise)  # logged as the epsilon error, comparable across objectives
+    denoise = F.mse_loss(pred, target)  # gamma 0, epsilon: runs A-S's loss, to the bit
+    if args.min_snr_gamma > 0:
+        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
+        weight = snr_weight(a.view(-1), args.min_snr_gamma, args.prediction)
+        denoise = (per_sample * weight).mean()
+    entropy = query_entropy(sink)
+    loss = denoise + args.entropy_weight * batch["ramp"] * entropy
+    coverage = smooth = torch.zeros((), device=loss.device)
+    if args.coverage_weight > 0:
+        coverage = coverage_loss(sink, batch["content"], args.coverage_frac)
+        loss = loss + args.coverage_weight * batch["ramp"] * coverage
+    if args.smooth_weight > 0:
+        smooth = smoothness_loss(sink, batch["content"])
+        loss = loss + args.smooth_weight * batch["ramp"] * smooth
+    return loss, torch.stack([mse, entropy, coverage, smooth]).detach()
+
+
+class GraphedBackward:
+    """Forward and backward of `losses` recorded once as a CUDA graph and replayed for
+    every step: the small UNet's step is thousands of tiny kernels, so launching them one
+    by one, not the GPU, sets the pace. The gradients live in the graph's memory, each
+    replay overwrites them (no zero_grad), and the optimizer steps outside the graph."""
+
+    def __init__(self, losses, batch: dict, params: list):
+        self.static = {k: v.clone() for k, v in batch.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture: lazy inits, autotuning
+            for _ in range(3):
+                losses(self.static)[0].backward()
+        torch.cuda.current_stream().wait_stream(side)
+        for p in params:
+            p.grad = None
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            loss, self.figures = losses(self.static)
+            loss.backward()
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        for key, value in batch.items():
+            self.static[key].copy_(value)
+        self.graph.replay()
+        return self.figures
 
 
 def query_entropy(records) -> torch.Tensor:
@@ -460,7 +524,7 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=make_scheduler("ddim"),
+        scheduler=make_scheduler("ddim", args.prediction),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -541,6 +605,12 @@ def main(argv=None) -> None:
         default=5.0,
         help="min-SNR loss weighting (0: the plain epsilon loss, as runs A-S)",
     )
+    p.add_argument(
+        "--prediction",
+        choices=("epsilon", "v_prediction"),
+        default="epsilon",
+        help="what the UNet predicts: the noise, or v (the objective lever)",
+    )
     p.add_argument("--only-cross", action="store_true", help="no self-attention in the UNet")
     p.add_argument("--mid-block", default="UNetMidBlock2D")
     p.add_argument("--entropy-weight", type=float, default=0.05)
@@ -578,6 +648,12 @@ def main(argv=None) -> None:
         choices=("cpu", "cuda"),
         default="cpu",
         help="where to train (same recipe: random draws stay on the CPU); export runs on the CPU",
+    )
+    p.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_false",
+        help="on a GPU, launch each step's kernels one by one instead of replaying a CUDA graph",
     )
     p.add_argument("--export", type=Path, default=None, help="pipeline folder to write")
     p.add_argument(
@@ -670,7 +746,7 @@ def main(argv=None) -> None:
     last_ckpt = time.time()
     session_start = time.time() - trained_seconds
     this_session = {"device": device_name(device, args.threads), "from_step": step}
-    recent: list[tuple[float, float]] = []
+    recent: list[torch.Tensor] = []
 
     def state(probe_figures=None) -> dict:
         elapsed = time.time() - session_start
@@ -689,51 +765,47 @@ def main(argv=None) -> None:
             "sessions": [*sessions, session],
         }
 
+    ramp = torch.zeros((), device=device)
+    step_losses = partial(denoising_losses, unet, text_encoder, sink, alphas=alphas, args=args)
+    graphed = None
     while step < args.max_steps and time.time() - session_start < args.minutes * 60:
         idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
-        x0 = latents[idx.to(device)]
         ids = token_ids[idx].clone()
         drop = torch.rand(args.batch, generator=gen) < args.uncond_prob
         ids[drop] = empty_ids
-        content = (content_ids[idx] & ~drop[:, None]).to(device)
-        ids = ids.to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        sink.clear()
-        pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        mse = F.mse_loss(pred, noise)  # logged unweighted, comparable across objectives
-        denoise = mse  # gamma 0: runs A-S's loss, to the bit
-        if args.min_snr_gamma > 0:
-            per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-            denoise = (per_sample * snr_weight(a.view(-1), args.min_snr_gamma)).mean()
-        entropy = query_entropy(sink)
-        ramp = min(1.0, max(0.0, (step - args.entropy_start) / max(args.entropy_warmup, 1)))
+        noise = torch.randn((args.batch, *latents.shape[1:]), generator=gen)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        weight = min(1.0, max(0.0, (step - args.entropy_start) / max(args.entropy_warmup, 1)))
         if args.entropy_stop is not None and step >= args.entropy_stop:
-            ramp = 0.0
-        loss = denoise + args.entropy_weight * ramp * entropy
-        coverage = torch.zeros(())
-        if args.coverage_weight > 0:
-            coverage = coverage_loss(sink, content, args.coverage_frac)
-            loss = loss + args.coverage_weight * ramp * coverage
-        smooth = torch.zeros(())
-        if args.smooth_weight > 0:
-            smooth = smoothness_loss(sink, content)
-            loss = loss + args.smooth_weight * ramp * smooth
-        opt.zero_grad()
-        loss.backward()
+            weight = 0.0
+        ramp.fill_(weight)
+        batch = {
+            "x0": latents[idx.to(device)],
+            "ids": ids.to(device),
+            "content": (content_ids[idx] & ~drop[:, None]).to(device),
+            "noise": noise.to(device),
+            "t": t.to(device),
+            "ramp": ramp,
+        }
+        if device.type == "cuda" and args.cuda_graph:
+            if graphed is None:
+                graphed = GraphedBackward(step_losses, batch, params)
+                log({"stage": "cuda-graph", "step": step, "captured": True})
+            figures = graphed(batch)
+        else:
+            opt.zero_grad()
+            loss, figures = step_losses(batch)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
             decay = min(args.ema, (1 + step) / (10 + step))
             for src, dst in ((unet, ema_unet), (text_encoder, ema_text)):
-                for ps, pd in zip(src.parameters(), dst.parameters(), strict=True):
-                    pd.lerp_(ps, 1 - decay)
+                torch._foreach_lerp_(list(dst.parameters()), list(src.parameters()), 1 - decay)
         step += 1
-        recent.append((mse.item(), entropy.item(), coverage.item(), smooth.item()))
+        recent.append(figures.clone())  # read back every 50 steps: no sync per step
         if step % 50 == 0:
-            m = np.mean(recent, axis=0)
+            m = torch.stack(recent).double().mean(0).tolist()
             log(
                 {
                     "stage": "train",

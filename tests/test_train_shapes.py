@@ -81,3 +81,31 @@ def test_exporting_a_snapshot_that_was_not_kept_names_it(stages, tmp_path):
     with pytest.raises(SystemExit, match=r"--export-from snapshot-9: .*snapshot-9\.pt does not"):
         train_shapes.main([*args, "--export-from", "snapshot-9"])
     assert not (tmp_path / "out").exists()
+
+
+def test_v_prediction_weights_each_timestep_by_its_snr_plus_one():
+    alpha_bar = torch.tensor([0.999, 5 / 6, 0.5])  # SNR 999, 5, 1
+    weight = train_shapes.snr_weight(alpha_bar, 5.0, "v_prediction")
+    torch.testing.assert_close(weight, torch.tensor([5 / 1000, 5 / 6, 1 / 2]))
+
+
+def test_a_v_prediction_run_exports_a_v_prediction_scheduler(stages, tmp_path):
+    train(
+        stages, tmp_path / "v", 2, "--prediction", "v_prediction", "--export", str(tmp_path / "out")
+    )
+    config = (tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text()
+    assert '"prediction_type": "v_prediction"' in config
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_graph_step_trains_as_the_eager_step(stages, tmp_path):
+    graphed = train(stages, tmp_path / "graph", 6, "--device", "cuda")
+    eager = train(stages, tmp_path / "eager", 6, "--device", "cuda", "--no-cuda-graph")
+    for name in ("unet", "text", "ema_unet"):
+        for key, value in eager[name].items():
+            torch.testing.assert_close(graphed[name][key], value, rtol=1e-3, atol=1e-4)
+    log = (tmp_path / "graph" / "log.jsonl").read_text()
+    assert (
+        '"captured": true' in log
+        and '"captured": true' not in (tmp_path / "eager" / "log.jsonl").read_text()
+    )
