@@ -99,13 +99,19 @@ def test_a_v_prediction_run_exports_a_v_prediction_scheduler(stages, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_cuda_graph_step_trains_as_the_eager_step(stages, tmp_path):
+    """Six steps replayed from the graph end where six eager ones do. Not to the bit: the
+    kernels round in another order, and Adam turns a near-zero gradient's rounding into
+    a step of up to the learning rate (seen on an H200: 2 of 16,384 elements of one
+    tensor). A graph that replayed a stale batch or summed gradients would move most."""
     graphed = train(stages, tmp_path / "graph", 6, "--device", "cuda")
     eager = train(stages, tmp_path / "eager", 6, "--device", "cuda", "--no-cuda-graph")
     for name in ("unet", "text", "ema_unet"):
+        far = total = 0
         for key, value in eager[name].items():
-            torch.testing.assert_close(graphed[name][key], value, rtol=1e-3, atol=1e-4)
-    log = (tmp_path / "graph" / "log.jsonl").read_text()
-    assert (
-        '"captured": true' in log
-        and '"captured": true' not in (tmp_path / "eager" / "log.jsonl").read_text()
-    )
+            diff = (graphed[name][key] - value).abs()
+            assert diff.max() <= 6 * 2 * 5e-4, (name, key)
+            far += int((diff > 1e-5 + 1e-3 * value.abs()).sum())
+            total += value.numel()
+        assert far <= total // 1000, (name, far, total)
+    assert '"captured": true' in (tmp_path / "graph" / "log.jsonl").read_text()
+    assert '"captured": true' not in (tmp_path / "eager" / "log.jsonl").read_text()
