@@ -509,6 +509,11 @@ def probe_set(vae, scale, args):
 def export(work: Path, which: str, dest: Path, args, log) -> None:
     from diffusers import StableDiffusionPipeline
 
+    # The model is built as the training command built it (args.json, written when it
+    # started), so --export-only needs no repeated --channels or --prediction.
+    args_path = work / "args.json"
+    train_args = json.loads(args_path.read_text()) if args_path.exists() else {}
+    args = argparse.Namespace(**{**vars(args), **train_args})
     tokenizer = build_tokenizer()
     vae, scale = train_vae(work, args, log)
     vae_record = torch.load(work / "vae.pt", map_location="cpu", weights_only=False)
@@ -566,7 +571,7 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
     log({"stage": "export", "dest": str(dest), "checkpoint": which, "step": ckpt["step"]})
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("runs/shapes"))
     p.add_argument("--resume", action="store_true")
@@ -663,8 +668,11 @@ def main(argv=None) -> None:
         "snapshot-STEP: a kept snapshot (--snapshots)",
     )
     p.add_argument("--export-only", action="store_true")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device here; use --device cpu")

@@ -3,6 +3,7 @@ resumes ends where an uninterrupted one does (runs span sessions on these 2 core
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -89,12 +90,18 @@ def test_v_prediction_weights_each_timestep_by_its_snr_plus_one():
     torch.testing.assert_close(weight, torch.tensor([5 / 1000, 5 / 6, 1 / 2]))
 
 
-def test_a_v_prediction_run_exports_a_v_prediction_scheduler(stages, tmp_path):
-    train(
-        stages, tmp_path / "v", 2, "--prediction", "v_prediction", "--export", str(tmp_path / "out")
-    )
-    config = (tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text()
-    assert '"prediction_type": "v_prediction"' in config
+def test_an_export_builds_the_model_the_run_trained(stages, tmp_path):
+    """--export-only reads the run's own arguments (args.json): a v-prediction run with
+    wider channels exports as such without repeating the flags."""
+    work = tmp_path / "v"
+    train(stages, work, 2, "--prediction", "v_prediction", "--channels", "16,32,32")
+    out = tmp_path / "out"
+    train_shapes.main(["--work", str(work), "--export-only", "--export", str(out)])
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    unet = json.loads((out / "unet" / "config.json").read_text())
+    assert unet["block_out_channels"] == [16, 32, 32]
+    assert json.loads((out / "training.json").read_text())["args"]["channels"] == [16, 32, 32]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
