@@ -3,24 +3,27 @@
 Stages, each cached in the work folder so a rerun with ``--resume`` picks up where it
 stopped: (1) a word-level tokenizer from the world's vocabulary; (2) a small
 AutoencoderKL (64x64 RGB <-> 16x16x4 latent); (3) a fixed set of rendered scenes encoded
-to latents; (4) the text encoder and UNet2DConditionModel trained with the epsilon loss,
+to latents; (4) the text encoder and UNet2DConditionModel trained with the denoising loss (epsilon,
+or v with --prediction),
 plus an unsupervised attention-sharpness term (the entropy of each pixel's
 cross-attention distribution over tokens) between --entropy-start and --entropy-stop.
 Masks never enter training: they are read only by the localisation probe, which logs how
 well the cross-attention of the shape and colour words overlaps the objects in held-out
 scenes. The schedule: 315 steps without the term, the term at weight 0.05 until step
 4357 (attention collapses onto a sink token), then without it (the remainder on the object
-words localises). The defaults are run T (BENCHMARKS.md, shapes-training): that schedule
-with min-SNR loss weighting (gamma 5), 14,000 steps, the autoencoder seeded and
-trained 2,000 steps; it is being trained and is not shipped yet. The shipped weights are
-run S, 78 minutes end to end on 2 CPU cores (its autoencoder's initial weights were not
-seeded, so a rerun draws another autoencoder):
+words localises). The defaults are run U's recipe, the shipped weights (BENCHMARKS.md,
+shapes-training): that schedule with min-SNR loss weighting (gamma 5), 14,000 steps, the
+autoencoder seeded and trained 2,000 steps. On 2 CPU cores (--threads 2) about 30 + 15 +
+96 minutes (autoencoder, encoding, UNet); on an NVIDIA H200 the UNet took 157 s:
 
-    python scripts/train_shapes.py --work runs/shapes-S --min-snr-gamma 0 --max-steps 11817 \
-        --vae-steps 800 --export diffumask_datasets/weights/shapes    # run S's recipe
-    python scripts/train_shapes.py --work runs/shapes --export runs/shapes/export   # run T
+    python scripts/train_shapes.py --work runs/shapes --export runs/shapes/export
     python scripts/train_shapes.py --work runs/shapes --resume --export ...   # after a stop
     python scripts/train_shapes.py --device cuda ...   # the same recipe on a GPU
+    python scripts/train_shapes.py --work runs/shapes-S --min-snr-gamma 0 --max-steps 11817 \
+        --vae-steps 800 --export ...   # run S's recipe, shipped before U
+
+On a GPU each step's forward and backward are recorded once as a CUDA graph and replayed
+(--no-cuda-graph: launched one by one, 5x slower on the H200).
 
 Every random draw (batches, noise, timesteps, dropped captions) comes from one CPU
 generator, so ``--device cuda`` trains on the same data in the same order as the CPU, and a
