@@ -12,9 +12,10 @@ well the cross-attention of the shape and colour words overlaps the objects in h
 scenes. The schedule: 315 steps without the term, the term at weight 0.05 until step
 4357 (attention collapses onto a sink token), then without it (the remainder on the object
 words localises). The defaults are run U's recipe, the shipped weights (BENCHMARKS.md,
-shapes-training): that schedule with min-SNR loss weighting (gamma 5), 14,000 steps, the
+shapes-training): that schedule with min-SNR loss weighting (gamma 5), 18,000 steps, the
 autoencoder seeded and trained 2,000 steps. On 2 CPU cores (--threads 2) about 30 + 15 +
-96 minutes (autoencoder, encoding, UNet); on an NVIDIA H200 the UNet took 157 s:
+125 minutes (autoencoder, encoding, UNet at ~0.41 s/step); on an NVIDIA H200 the UNet
+runs at 11 ms/step (run U: 14,000 steps there in 157 s, the last 4,000 on the CPU):
 
     python scripts/train_shapes.py --work runs/shapes --export runs/shapes/export
     python scripts/train_shapes.py --work runs/shapes --resume --export ...   # after a stop
@@ -585,8 +586,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--max-steps",
         type=int,
-        default=14_000,
-        help="UNet steps (run T's 14000; run S's 11817); a step count, not a time, keeps "
+        default=18_000,
+        help="UNet steps (run U's 18000; run S's 11817); a step count, not a time, keeps "
         "runs equal",
     )
     p.add_argument("--batch", type=int, default=32)
@@ -646,9 +647,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--snapshots",
         type=lambda text: [int(c) for c in text.split(",") if c],
-        default=[11_817],
+        default=[11_817, 14_000, 16_000],
         help="steps at which a copy of the checkpoint is kept (snapshot-STEP.pt), so a "
-        "longer run can be compared with a shorter one: 11817 is run S's length",
+        "longer run can be compared with shorter ones (11817: run S's length)",
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
