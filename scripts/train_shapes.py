@@ -280,7 +280,8 @@ def denoising_losses(
         target = a.sqrt() * noise - (1 - a).sqrt() * x0
         eps = a.sqrt() * pred + (1 - a).sqrt() * noisy
     mse = F.mse_loss(eps, noise)  # logged as the epsilon error, comparable across objectives
-    denoise = F.mse_loss(pred, target)  # gamma 0, epsilon: runs A-S's loss, to the bit
+    # gamma 0, epsilon: runs A-S's loss, to the bit
+    denoise = mse if args.prediction == "epsilon" else F.mse_loss(pred, target)
     if args.min_snr_gamma > 0:
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
         weight = snr_weight(a.view(-1), args.min_snr_gamma, args.prediction)
