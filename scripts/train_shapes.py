@@ -511,6 +511,78 @@ def probe_set(vae, scale, args):
     return z, scenes
 
 
+# What fixes the model's shape: an --init-from folder's own values are adopted for these.
+ARCHITECTURE = ("channels", "heads", "text_hidden", "text_layers", "mid_block", "only_cross")
+
+
+def init_from_export(folder: Path, work: Path, args, defaults: dict) -> dict:
+    """Read a pipeline folder this script exported (the shipped weights, say) as a run's
+    starting point: its architecture and objective become the command's, its autoencoder
+    becomes the work folder's stage 2 (vae.pt), and its UNet and text encoder (the EMA
+    weights it shipped) start both the trained and the EMA copies. The optimizer's moments
+    and the generator's state are not in an export: they start afresh. Returns the start:
+    step, UNet seconds and sessions so far, the weights, and the lineage to record."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    record_path = folder / "training.json"
+    if not record_path.is_file() or not (folder / "unet").is_dir():
+        sys.exit(
+            f"--init-from {folder}: not a pipeline folder this script exported (no "
+            "training.json or unet/ in it); pass a folder written by --export, such as "
+            "diffumask_datasets/weights/shapes"
+        )
+    record = json.loads(record_path.read_text())
+    trained = record.get("args", {})
+    for key in (*ARCHITECTURE, "prediction"):
+        if key not in trained:
+            continue
+        ours = getattr(args, key)
+        if ours != defaults[key] and ours != trained[key]:
+            flag = "--" + key.replace("_", "-")
+            sys.exit(
+                f"--init-from {folder}: its model was trained with {flag} {trained[key]}, "
+                f"the command asks for {ours}; drop {flag} (the folder fixes the model)"
+            )
+        setattr(args, key, trained[key])
+    vae = make_vae()
+    vae.load_state_dict(AutoencoderKL.from_pretrained(folder / "vae").state_dict())
+    vae_path = work / "vae.pt"
+    if vae_path.exists():
+        cached = torch.load(vae_path, map_location="cpu", weights_only=False)["model"]
+        if any(not torch.equal(v, cached[k]) for k, v in vae.state_dict().items()):
+            sys.exit(
+                f"--init-from {folder}: {vae_path} holds another autoencoder, whose latents "
+                "the folder's UNet cannot read; start in an empty --work"
+            )
+    else:
+        atomic_save(
+            {
+                "model": vae.state_dict(),
+                "scale": float(AutoencoderKL.load_config(folder / "vae")["scaling_factor"]),
+                "held_out_mse": record.get("vae_held_out_mse"),
+                "seconds": record.get("wall_seconds", {}).get("vae"),
+                "device": record.get("vae_device"),
+                "init_from": str(folder),
+            },
+            vae_path,
+        )
+    return {
+        "step": int(record["step"]),
+        "seconds": float(record.get("wall_seconds", {}).get("unet") or 0.0),
+        "sessions": record.get("sessions", []),
+        "unet": UNet2DConditionModel.from_pretrained(folder / "unet").state_dict(),
+        "text": CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict(),
+        "lineage": {
+            "folder": str(folder),
+            "step": int(record["step"]),
+            "checkpoint": record.get("checkpoint"),
+            "fresh": ["optimizer moments", "generator"],
+            "init_from": record.get("init_from"),
+        },
+    }
+
+
 def export(work: Path, which: str, dest: Path, args, log) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -567,6 +639,8 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
                 "vae_device": vae_record.get("device"),
                 "vae_held_out_mse": vae_record.get("held_out_mse"),
                 "sessions": ckpt.get("sessions", []),
+                # Where a run that began from an exported folder (--init-from) began.
+                "init_from": ckpt.get("init_from"),
                 "args": vars(args),
             },
             indent=2,
@@ -576,7 +650,7 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
     log({"stage": "export", "dest": str(dest), "checkpoint": which, "step": ckpt["step"]})
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("runs/shapes"))
     p.add_argument("--resume", action="store_true")
@@ -665,6 +739,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_false",
         help="on a GPU, launch each step's kernels one by one instead of replaying a CUDA graph",
     )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from a pipeline folder this script exported (its autoencoder, UNet and "
+        "text encoder, at its step; fresh optimizer): how a run goes on in a later session "
+        "when its work folder is gone",
+    )
     p.add_argument("--export", type=Path, default=None, help="pipeline folder to write")
     p.add_argument(
         "--export-from",
@@ -673,7 +755,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "snapshot-STEP: a kept snapshot (--snapshots)",
     )
     p.add_argument("--export-only", action="store_true")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def main(argv=None) -> None:
@@ -701,6 +787,11 @@ def main(argv=None) -> None:
     ckpt_path = work / "ckpt.pt"
     if ckpt_path.exists() and not args.resume:
         sys.exit(f"{ckpt_path} exists: pass --resume to continue it or choose another --work")
+    start = None
+    if args.init_from is not None:  # on --resume too: the folder fixes the model's shape
+        start = init_from_export(args.init_from, work, args, vars(parser().parse_args([])))
+        if not ckpt_path.exists():
+            log({"stage": "init-from", **start["lineage"]})
     (work / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
 
     tokenizer = build_tokenizer()
@@ -731,7 +822,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     scheduler = make_scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
-    step, trained_seconds, best_score, sessions = 0, 0.0, -1.0, []
+    step, trained_seconds, best_score, sessions, lineage = 0, 0.0, -1.0, [], None
     # Every random draw comes from this CPU generator, so a run draws the same batches,
     # noise and timesteps on any device.
     gen = torch.Generator().manual_seed(args.seed)
@@ -745,7 +836,16 @@ def main(argv=None) -> None:
         gen.set_state(ckpt["gen"])
         step, trained_seconds, best_score = ckpt["step"], ckpt["seconds"], ckpt["best"]
         sessions = ckpt.get("sessions", [])
+        lineage = ckpt.get("init_from")
         log({"stage": "resume", "step": step, "seconds": trained_seconds})
+    elif start is not None:
+        for model, ema, key in ((unet, ema_unet, "unet"), (text_encoder, ema_text, "text")):
+            model.load_state_dict(start[key])
+            ema.load_state_dict(start[key])
+        step, trained_seconds, sessions = start["step"], start["seconds"], start["sessions"]
+        lineage = start["lineage"]
+        # An export keeps no generator state: a fresh one, seeded apart from step 0's.
+        gen.manual_seed(args.seed + step)
     n_params = sum(p.numel() for p in unet.parameters())
     log(
         {
@@ -776,6 +876,7 @@ def main(argv=None) -> None:
             "best": best_score,
             "probe": probe_figures,
             "sessions": [*sessions, session],
+            "init_from": lineage,
         }
 
     ramp = torch.zeros((), device=device)

@@ -46,6 +46,10 @@ def train(stages: Path, work: Path, steps: int, *extra: str) -> dict:
     return torch.load(work / "ckpt.pt", map_location="cpu", weights_only=False)
 
 
+def export_run(work: Path, dest: Path) -> None:
+    train_shapes.main(["--work", str(work), "--export-only", "--export", str(dest)])
+
+
 @pytest.mark.parametrize("gamma", ["5", "0"])
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(stages, tmp_path, gamma):
     whole = train(stages, tmp_path / "whole", 4, "--min-snr-gamma", gamma)
@@ -96,7 +100,7 @@ def test_an_export_builds_the_model_the_run_trained(stages, tmp_path):
     work = tmp_path / "v"
     train(stages, work, 2, "--prediction", "v_prediction", "--channels", "16,32,32")
     out = tmp_path / "out"
-    train_shapes.main(["--work", str(work), "--export-only", "--export", str(out)])
+    export_run(work, out)
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
     unet = json.loads((out / "unet" / "config.json").read_text())
@@ -122,3 +126,47 @@ def test_the_cuda_graph_step_trains_as_the_eager_step(stages, tmp_path):
         assert far <= total // 1000, (name, far, total)
     assert '"captured": true' in (tmp_path / "graph" / "log.jsonl").read_text()
     assert '"captured": true' not in (tmp_path / "eager" / "log.jsonl").read_text()
+
+
+def test_a_run_goes_on_from_an_exported_folder(stages, tmp_path):
+    """--init-from: a later session whose work folder is gone starts from the weights it
+    shipped, at their step, with their autoencoder and model shape, and records where."""
+    first = train(stages, tmp_path / "first", 2, "--channels", "16,32,32")
+    shipped = tmp_path / "shipped"
+    export_run(tmp_path / "first", shipped)
+    later = tmp_path / "later"
+    start = ["--work", str(later), "--init-from", str(shipped), *TINY]
+    train_shapes.main([*start, "--max-steps", "2"])  # no step left: the start as it is read
+    began = torch.load(later / "ckpt.pt", weights_only=False)
+    assert began["step"] == 2 and began["init_from"]["step"] == 2
+    for name in ("unet", "ema_unet"):
+        for key, value in first["ema_unet"].items():
+            assert torch.equal(began[name][key], value), (name, key)
+    vae = torch.load(later / "vae.pt", weights_only=False)["model"]
+    original = torch.load(stages / "vae.pt", weights_only=False)["model"]
+    assert all(torch.equal(vae[k], v) for k, v in original.items())
+
+    train_shapes.main([*start, "--max-steps", "4", "--resume"])
+    out = tmp_path / "out"
+    export_run(later, out)
+    record = json.loads((out / "training.json").read_text())
+    assert record["step"] == 4 and record["args"]["channels"] == [16, 32, 32]
+    assert record["init_from"]["folder"] == str(shipped)
+    assert [(s["from_step"], s["to_step"]) for s in record["sessions"]] == [(0, 2), (2, 2), (2, 4)]
+
+
+def test_init_from_refuses_what_it_cannot_continue(stages, tmp_path):
+    with pytest.raises(SystemExit, match=r"--init-from .*nowhere: not a pipeline folder"):
+        train_shapes.main(["--work", str(tmp_path / "a"), "--init-from", str(tmp_path / "nowhere")])
+    train(stages, tmp_path / "first", 1)
+    shipped = tmp_path / "shipped"
+    export_run(tmp_path / "first", shipped)
+    wide = ["--work", str(tmp_path / "b"), "--init-from", str(shipped), "--channels", "64,64,64"]
+    with pytest.raises(SystemExit, match=r"--channels \[32, 64, 64\], the command asks for "):
+        train_shapes.main([*wide, "--max-steps", "1", *TINY])
+    other = tmp_path / "c"
+    other.mkdir()
+    theirs = torch.load(stages / "vae.pt", weights_only=False)["model"]
+    torch.save({"model": {k: v + 1 for k, v in theirs.items()}}, other / "vae.pt")
+    with pytest.raises(SystemExit, match="holds another autoencoder"):
+        train_shapes.main(["--work", str(other), "--init-from", str(shipped), *TINY])
