@@ -12,13 +12,15 @@ well the cross-attention of the shape and colour words overlaps the objects in h
 scenes. The schedule: 315 steps without the term, the term at weight 0.05 until step
 4357 (attention collapses onto a sink token), then without it (the remainder on the object
 words localises). The defaults are run U's recipe, the shipped weights (BENCHMARKS.md,
-shapes-training): that schedule with min-SNR loss weighting (gamma 5), 18,000 steps, the
-autoencoder seeded and trained 2,000 steps. On 2 CPU cores (--threads 2) about 30 + 15 +
-125 minutes (autoencoder, encoding, UNet at ~0.41 s/step); on an NVIDIA H200 the UNet
-runs at 11 ms/step (run U: 14,000 steps there in 157 s, the last 4,000 on the CPU):
+shapes-training): that schedule with min-SNR loss weighting (gamma 5), 24,000 steps, the
+autoencoder seeded and trained 2,000 steps. On 2 CPU cores (--threads 2) about 30 + 4 +
+250 minutes (autoencoder, encoding, UNet at 0.41-0.68 s/step); on an NVIDIA H200 the UNet
+runs at 11 ms/step (run U: 14,000 steps there in 157 s, the rest on the CPU):
 
     python scripts/train_shapes.py --work runs/shapes --export runs/shapes/export
     python scripts/train_shapes.py --work runs/shapes --resume --export ...   # after a stop
+    python scripts/train_shapes.py --work runs/more --init-from diffumask_datasets/weights/shapes \
+        --max-steps 26000 --export ...   # on from an export: its work folder is gone
     python scripts/train_shapes.py --device cuda ...   # the same recipe on a GPU
     python scripts/train_shapes.py --work runs/shapes-S --min-snr-gamma 0 --max-steps 11817 \
         --vae-steps 800 --export ...   # run S's recipe, shipped before U
@@ -656,13 +658,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--minutes", type=float, default=120.0, help="UNet training time cap (a safety stop)"
+        "--minutes",
+        type=float,
+        default=600.0,
+        help="this session's UNet training time cap (a safety stop; --resume goes on)",
     )
     p.add_argument(
         "--max-steps",
         type=int,
-        default=18_000,
-        help="UNet steps (run U's 18000; run S's 11817); a step count, not a time, keeps "
+        default=24_000,
+        help="UNet steps (run U's 24000; run S's 11817); a step count, not a time, keeps "
         "runs equal",
     )
     p.add_argument("--batch", type=int, default=32)
@@ -722,9 +727,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--snapshots",
         type=lambda text: [int(c) for c in text.split(",") if c],
-        default=[11_817, 14_000, 16_000],
+        default=[14_000, 18_000, 20_000, 22_000],
         help="steps at which a copy of the checkpoint is kept (snapshot-STEP.pt), so a "
-        "longer run can be compared with shorter ones (11817: run S's length)",
+        "longer run can be compared with shorter ones (the lengths of BENCHMARKS.md's table)",
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
@@ -857,7 +862,8 @@ def main(argv=None) -> None:
 
     sink = install_recorders(unet)
     last_ckpt = time.time()
-    session_start = time.time() - trained_seconds
+    began = time.time()
+    session_start = began - trained_seconds
     this_session = {"device": device_name(device, args.threads), "from_step": step}
     recent: list[torch.Tensor] = []
 
@@ -882,7 +888,8 @@ def main(argv=None) -> None:
     ramp = torch.zeros((), device=device)
     step_losses = partial(denoising_losses, unet, text_encoder, sink, alphas=alphas, args=args)
     graphed = None
-    while step < args.max_steps and time.time() - session_start < args.minutes * 60:
+    # The cap is this session's: a run's whole time grows past any one cap by design.
+    while step < args.max_steps and time.time() - began < args.minutes * 60:
         idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
         ids = token_ids[idx].clone()
         drop = torch.rand(args.batch, generator=gen) < args.uncond_prob

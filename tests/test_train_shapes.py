@@ -170,3 +170,13 @@ def test_init_from_refuses_what_it_cannot_continue(stages, tmp_path):
     torch.save({"model": {k: v + 1 for k, v in theirs.items()}}, other / "vae.pt")
     with pytest.raises(SystemExit, match="holds another autoencoder"):
         train_shapes.main(["--work", str(other), "--init-from", str(shipped), *TINY])
+
+
+def test_the_time_cap_is_the_sessions_not_the_runs(stages, tmp_path):
+    """A run resumed after more UNet time than --minutes allows still trains: the cap stops
+    one session (the defaults take longer than any one session on a CPU)."""
+    train(stages, tmp_path / "run", 1)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    torch.save({**ckpt, "seconds": 10 * 3600.0}, tmp_path / "run" / "ckpt.pt")
+    resumed = train(stages, tmp_path / "run", 2, "--resume", "--minutes", "60")
+    assert resumed["step"] == 2
