@@ -14,7 +14,7 @@ scenes. The schedule: 315 steps without the term, the term at weight 0.05 until 
 words localises). The defaults are run U's recipe, the shipped weights (BENCHMARKS.md,
 shapes-training): that schedule with min-SNR loss weighting (gamma 5), 24,000 steps, the
 autoencoder seeded and trained 2,000 steps. On 2 CPU cores (--threads 2) about 30 + 4 +
-250 minutes (autoencoder, encoding, UNet at 0.41-0.68 s/step); on an NVIDIA H200 the UNet
+165-250 minutes (autoencoder, encoding, UNet at 0.41-0.62 s/step); on an NVIDIA H200 the UNet
 runs at 11 ms/step (run U: 14,000 steps there in 157 s, the rest on the CPU):
 
     python scripts/train_shapes.py --work runs/shapes --export runs/shapes/export
