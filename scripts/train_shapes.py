@@ -523,9 +523,9 @@ def init_from_export(folder: Path, work: Path, args, defaults: dict) -> dict:
     becomes the work folder's stage 2 (vae.pt), and its UNet and text encoder (the EMA
     weights it shipped) start both the trained and the EMA copies. The optimizer's moments
     and the generator's state are not in an export: they start afresh. Returns the start:
-    step, UNet seconds and sessions so far, the weights, and the lineage to record."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    step, UNet seconds and sessions so far, and the lineage to record (the weights are read
+    by exported_weights, only when no checkpoint goes on instead)."""
+    from diffusers import AutoencoderKL
 
     record_path = folder / "training.json"
     if not record_path.is_file() or not (folder / "unet").is_dir():
@@ -573,8 +573,6 @@ def init_from_export(folder: Path, work: Path, args, defaults: dict) -> dict:
         "step": int(record["step"]),
         "seconds": float(record.get("wall_seconds", {}).get("unet") or 0.0),
         "sessions": record.get("sessions", []),
-        "unet": UNet2DConditionModel.from_pretrained(folder / "unet").state_dict(),
-        "text": CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict(),
         "lineage": {
             "folder": str(folder),
             "step": int(record["step"]),
@@ -582,6 +580,17 @@ def init_from_export(folder: Path, work: Path, args, defaults: dict) -> dict:
             "fresh": ["optimizer moments", "generator"],
             "init_from": record.get("init_from"),
         },
+    }
+
+
+def exported_weights(folder: Path) -> dict:
+    """The UNet's and the text encoder's state dicts of an exported pipeline folder."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(folder / "unet").state_dict(),
+        "text": CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict(),
     }
 
 
@@ -844,9 +853,10 @@ def main(argv=None) -> None:
         lineage = ckpt.get("init_from")
         log({"stage": "resume", "step": step, "seconds": trained_seconds})
     elif start is not None:
+        weights = exported_weights(args.init_from)
         for model, ema, key in ((unet, ema_unet, "unet"), (text_encoder, ema_text, "text")):
-            model.load_state_dict(start[key])
-            ema.load_state_dict(start[key])
+            model.load_state_dict(weights[key])
+            ema.load_state_dict(weights[key])
         step, trained_seconds, sessions = start["step"], start["seconds"], start["sessions"]
         lineage = start["lineage"]
         # An export keeps no generator state: a fresh one, seeded apart from step 0's.
