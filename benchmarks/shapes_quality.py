@@ -82,6 +82,11 @@ def single_object_prompts(n: int, seed: int) -> list[tuple[str, str, str]]:
     return out
 
 
+def prompt_background(prompt: str) -> str:
+    """The background a single-object prompt names ("... on a black background": black)."""
+    return prompt.rsplit(" on a ", 1)[1].removesuffix(" background")
+
+
 def reference_mask(image, shape: str) -> np.ndarray:
     """Class-id mask read off a generated image: every drawn object (pixels far from the
     plain background), labelled with the prompt's class."""
@@ -290,8 +295,12 @@ def shape_fidelity(net, images, prompts, kept, coloured, refs) -> tuple[dict[str
         dict(zip(drawn, classify_shapes(net, np.stack(silhouettes)), strict=True)) if drawn else {}
     )
     labels = [sw.SHAPES[named[i]] if i in named else "none" for i in range(len(prompts))]
-    for i, ((_, shape, _), label) in enumerate(zip(prompts, labels, strict=True)):
+    for i, ((prompt, shape, _), label) in enumerate(zip(prompts, labels, strict=True)):
         row = out[shape]
+        # [named, prompted] on each background: a shape may fail on one background only
+        cell = row.setdefault("by_background", {}).setdefault(prompt_background(prompt), [0, 0])
+        cell[0] += int(label == shape)
+        cell[1] += 1
         row["prompted"] += 1
         row["named_colour"] += int(coloured[i])
         row["drew"] += int(label != "none")
@@ -324,6 +333,11 @@ def print_shape_fidelity(check: dict[str, float], held_out: int, fidelity: dict)
             f"{shape:<10}{r['prompted']:>9}{r['drew']:>6}{r['named_colour']:>10}"
             f"{r['named_shape']:>7}{r['accuracy']:>10.1%}{areas:>21}  {named_as}"
         )
+    backgrounds = sorted({b for r in fidelity.values() for b in r.get("by_background", {})})
+    print("named/prompted by background: " + "".join(f"{b:>9}" for b in backgrounds))
+    for shape, r in fidelity.items():
+        cells = (r.get("by_background", {}).get(b, [0, 0]) for b in backgrounds)
+        print(f"  {shape:<28}" + "".join(f"{f'{k}/{n}':>9}" for k, n in cells))
 
 
 # ---------------------------------------------------------------- (b) synthetic vs real

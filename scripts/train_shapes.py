@@ -266,6 +266,14 @@ def snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction: str = "epsilon
     return snr.clamp(max=gamma) / (snr if prediction == "epsilon" else snr + 1)
 
 
+def learning_rate(step: int, lr: float, max_steps: int, cooldown: int) -> float:
+    """The rate of the step about to run: constant, then linear down to zero over the
+    last `cooldown` steps of `max_steps` (0: constant throughout)."""
+    if cooldown <= 0:
+        return lr
+    return lr * min(1.0, (max_steps - step) / cooldown)
+
+
 def denoising_losses(
     unet, text_encoder, sink: list, batch: dict, alphas: torch.Tensor, args
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -682,6 +690,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument(
+        "--cooldown-steps",
+        type=int,
+        default=0,
+        help="the learning rate falls linearly to zero over the last N of --max-steps "
+        "(0: constant, as runs A-U)",
+    )
+    p.add_argument(
         "--vae-steps",
         type=int,
         default=2000,
@@ -779,6 +794,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.cooldown_steps < 0:
+        sys.exit(f"--cooldown-steps {args.cooldown_steps}: must be 0 (no cooldown) or more")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device here; use --device cpu")
     device = torch.device(args.device)
@@ -928,6 +945,9 @@ def main(argv=None) -> None:
             loss, figures = step_losses(batch)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        rate = learning_rate(step, args.lr, args.max_steps, args.cooldown_steps)
+        for group in opt.param_groups:
+            group["lr"] = rate
         opt.step()
         with torch.no_grad():
             decay = min(args.ema, (1 + step) / (10 + step))
@@ -945,6 +965,7 @@ def main(argv=None) -> None:
                     "entropy": round(float(m[1]), 4),
                     "coverage": round(float(m[2]), 4),
                     "smooth": round(float(m[3]), 4),
+                    "lr": rate,
                     "elapsed": round(time.time() - session_start, 1),
                 }
             )

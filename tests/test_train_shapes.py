@@ -28,6 +28,13 @@ def test_min_snr_weight_lowers_only_the_nearly_clean_timesteps():
     torch.testing.assert_close(weight[2:], torch.ones(3))
 
 
+def test_the_cooldown_falls_to_zero_over_the_last_steps_only():
+    rates = [train_shapes.learning_rate(step, 1e-3, 10, 4) for step in range(10)]
+    assert rates[:7] == [1e-3] * 7
+    assert rates[6:] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])  # the last step still moves
+    assert train_shapes.learning_rate(9, 1e-3, 10, 0) == 1e-3
+
+
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory) -> Path:
     """A work folder whose autoencoder and latents (cached stages) the runs start from,
@@ -180,3 +187,10 @@ def test_the_time_cap_is_the_sessions_not_the_runs(stages, tmp_path):
     torch.save({**ckpt, "seconds": 10 * 3600.0}, tmp_path / "run" / "ckpt.pt")
     resumed = train(stages, tmp_path / "run", 2, "--resume", "--minutes", "60")
     assert resumed["step"] == 2
+
+
+def test_a_run_with_a_cooldown_steps_at_the_falling_rate(stages, tmp_path):
+    ckpt = train(stages, tmp_path / "run", 4, "--cooldown-steps", "2", "--lr", "1e-3")
+    assert ckpt["opt"]["param_groups"][0]["lr"] == pytest.approx(5e-4)  # step 3 of 4
+    with pytest.raises(SystemExit, match="--cooldown-steps -1"):
+        train(stages, tmp_path / "bad", 4, "--cooldown-steps", "-1")
