@@ -18,7 +18,8 @@
     (`shapes_world.object_silhouette`: the pixels far from the background, cropped to a
     square, 24x24) and named; accuracy per shape = images named as the prompted shape /
     images prompted (an image that drew nothing is a miss), beside how many drew the
-    named colour.
+    named colour, and named/prompted by the background the prompt asks for (a shape may
+    fail on one background only).
 (b) The paper's protocol in small. One small segmentation network is trained on N
     synthetic samples (generated images, masks from the best method of (a)) and the same
     network on N rendered scenes with exact masks; both are evaluated on held-out rendered

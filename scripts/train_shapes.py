@@ -12,18 +12,19 @@ well the cross-attention of the shape and colour words overlaps the objects in h
 scenes. The schedule: 315 steps without the term, the term at weight 0.05 until step
 4357 (attention collapses onto a sink token), then without it (the remainder on the object
 words localises). The defaults are run U's recipe, the shipped weights (BENCHMARKS.md,
-shapes-training): that schedule with min-SNR loss weighting (gamma 5), 24,000 steps, the
-autoencoder seeded and trained 2,000 steps. On 2 CPU cores (--threads 2) about 30 + 4 +
-165-250 minutes (autoencoder, encoding, UNet at 0.41-0.62 s/step); on an NVIDIA H200 the UNet
+shapes-training): that schedule with min-SNR loss weighting (gamma 5), 27,000 steps at a
+constant learning rate that falls linearly to zero over the last 3,000 (--cooldown-steps),
+the autoencoder seeded and trained 2,000 steps. On 2 CPU cores (--threads 2) about 30 + 4 +
+125-280 minutes (autoencoder, encoding, UNet at 0.28-0.62 s/step); on an NVIDIA H200 the UNet
 runs at 11 ms/step (run U: 14,000 steps there in 157 s, the rest on the CPU):
 
     python scripts/train_shapes.py --work runs/shapes --export runs/shapes/export
     python scripts/train_shapes.py --work runs/shapes --resume --export ...   # after a stop
     python scripts/train_shapes.py --work runs/more --init-from diffumask_datasets/weights/shapes \
-        --max-steps 26000 --export ...   # on from an export: its work folder is gone
+        --max-steps 30000 --export ...   # on from an export: its work folder is gone
     python scripts/train_shapes.py --device cuda ...   # the same recipe on a GPU
     python scripts/train_shapes.py --work runs/shapes-S --min-snr-gamma 0 --max-steps 11817 \
-        --vae-steps 800 --export ...   # run S's recipe, shipped before U
+        --cooldown-steps 0 --vae-steps 800 --export ...   # run S's recipe, shipped before U
 
 On a GPU each step's forward and backward are recorded once as a CUDA graph and replayed
 (--no-cuda-graph: launched one by one, 5x slower on the H200).
@@ -683,8 +684,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-steps",
         type=int,
-        default=24_000,
-        help="UNet steps (run U's 24000; run S's 11817); a step count, not a time, keeps "
+        default=27_000,
+        help="UNet steps (run U's 27000; run S's 11817); a step count, not a time, keeps "
         "runs equal",
     )
     p.add_argument("--batch", type=int, default=32)
@@ -692,9 +693,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cooldown-steps",
         type=int,
-        default=0,
+        default=3000,
         help="the learning rate falls linearly to zero over the last N of --max-steps "
-        "(0: constant, as runs A-U)",
+        "(0: constant, as runs A-S and U before step 24000)",
     )
     p.add_argument(
         "--vae-steps",
@@ -751,7 +752,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--snapshots",
         type=lambda text: [int(c) for c in text.split(",") if c],
-        default=[14_000, 18_000, 20_000, 22_000],
+        default=[14_000, 18_000, 22_000, 24_000],
         help="steps at which a copy of the checkpoint is kept (snapshot-STEP.pt), so a "
         "longer run can be compared with shorter ones (the lengths of BENCHMARKS.md's table)",
     )

@@ -18,6 +18,7 @@ import train_shapes  # noqa: E402
 TINY = [
     "--vae-steps", "2", "--scenes", "64", "--probe-scenes", "4", "--probe-every", "1000",
     "--batch", "4", "--entropy-start", "1", "--entropy-stop", "3", "--snapshots", "2",
+    "--cooldown-steps", "0",
 ]  # fmt: skip
 
 
