@@ -286,7 +286,14 @@ def shape_fidelity(net, images, prompts, kept, coloured, refs) -> tuple[dict[str
     do the model's objects come out at the world's sizes? Also each image's name ("none"
     where nothing was drawn)."""
     out = {
-        s: {"prompted": 0, "drew": 0, "named_colour": 0, "named_shape": 0, "named_as": {}}
+        s: {
+            "prompted": 0,
+            "drew": 0,
+            "named_colour": 0,
+            "named_shape": 0,
+            "named_as": {},
+            "by_background": {},  # [named, prompted]: a shape may fail on one background only
+        }
         for s in sw.SHAPES
     }
     drawn_areas: dict[str, list[int]] = {s: [] for s in sw.SHAPES}
@@ -298,8 +305,7 @@ def shape_fidelity(net, images, prompts, kept, coloured, refs) -> tuple[dict[str
     labels = [sw.SHAPES[named[i]] if i in named else "none" for i in range(len(prompts))]
     for i, ((prompt, shape, _), label) in enumerate(zip(prompts, labels, strict=True)):
         row = out[shape]
-        # [named, prompted] on each background: a shape may fail on one background only
-        cell = row.setdefault("by_background", {}).setdefault(prompt_background(prompt), [0, 0])
+        cell = row["by_background"].setdefault(prompt_background(prompt), [0, 0])
         cell[0] += int(label == shape)
         cell[1] += 1
         row["prompted"] += 1
@@ -334,10 +340,10 @@ def print_shape_fidelity(check: dict[str, float], held_out: int, fidelity: dict)
             f"{shape:<10}{r['prompted']:>9}{r['drew']:>6}{r['named_colour']:>10}"
             f"{r['named_shape']:>7}{r['accuracy']:>10.1%}{areas:>21}  {named_as}"
         )
-    backgrounds = sorted({b for r in fidelity.values() for b in r.get("by_background", {})})
+    backgrounds = sorted({b for r in fidelity.values() for b in r["by_background"]})
     print("named/prompted by background: " + "".join(f"{b:>9}" for b in backgrounds))
     for shape, r in fidelity.items():
-        cells = (r.get("by_background", {}).get(b, [0, 0]) for b in backgrounds)
+        cells = (r["by_background"].get(b, [0, 0]) for b in backgrounds)
         print(f"  {shape:<28}" + "".join(f"{f'{k}/{n}':>9}" for k, n in cells))
 
 
