@@ -6,7 +6,8 @@
     a pixel belongs to the drawn object when its colour is far from the background's (the
     median of the image's border; `shapes_world.foreground_mask`). The attention-derived
     mask of every refinement method (fixed threshold 0.4, 0.5, 0.6; adaptive; affinity
-    propagation) is scored against it: IoU per class (intersection and union summed over
+    propagation; all with the colour step, and affinity again without it) is scored
+    against it: IoU per class (intersection and union summed over
     images), mIoU over background and the four shapes. Also: how well the samples' quality
     score ranks their masks (Spearman correlation with each image's object IoU).
 
@@ -63,6 +64,13 @@ METHODS: dict[str, dict] = {
     "threshold-0.6": {"method": "threshold", "threshold": 0.6, "band": 0.0},
     "adaptive": {"method": "adaptive", "band": 0.0, "affinity_factor": 1},
     "affinity": {"method": "affinity", "band": 0.0, "affinity_factor": 1},
+    # the same without the colour step (the engine's default before session 8): its worth
+    "affinity-no-colour": {
+        "method": "affinity",
+        "band": 0.0,
+        "affinity_factor": 1,
+        "colour_steps": 0,
+    },
 }
 # An image whose reference holds fewer object pixels than this did not draw the object.
 MIN_OBJECT_PIXELS = 20

@@ -84,24 +84,32 @@ def capture(n: int, seed: int) -> list[dict]:
     for item, sample, (_, shape, _) in zip(kept, samples, prompts, strict=True):
         item["class_id"] = sw.CLASS_IDS[shape]
         item["reference"] = sq.reference_mask(sample.image, shape)
+        item["image"] = np.asarray(sample.image, dtype=np.float32).transpose(2, 0, 1) / 255
     return [k for k in kept if (k["reference"] > 0).sum() >= sq.MIN_OBJECT_PIXELS]
 
 
-def scores(item: dict, normalise, method: str, power: int) -> np.ndarray:
-    """The 64x64 score map refine would cut, with `normalise` for each attention map."""
+def scores(item: dict, normalise, method: str, power: int, colour_steps: int = 0) -> np.ndarray:
+    """The 64x64 score map refine would cut, with `normalise` for each attention map, and
+    `colour_steps` of colour-guided smoothing."""
     size = (64, 64) if method == "threshold" else item["affinity_size"]
     maps = [R.resize(np.asarray(normalise(m)), size).numpy() for m in item["maps"].values()]
     cam = np.clip(np.mean(maps, axis=0), 0, 1)
     if method == "affinity":
         walked = R.normalise_minmax(R.propagate(cam, item["affinity"], power))
         cam = R.resize(walked, (64, 64)).numpy()
-    return np.clip(cam, 0, 1)
+    cam = np.clip(cam, 0, 1)
+    if colour_steps:
+        weights = R.colour_weights(item["image"][None])
+        cam = R.colour_smooth(cam[None, None], weights, colour_steps)[0, 0].numpy()
+    return cam
 
 
-def miou(items: list[dict], normalise, method: str, power: int, threshold: float) -> float:
+def miou(
+    items: list[dict], normalise, method: str, power: int, threshold: float, colour: int = 0
+) -> float:
     score = sq.ConfusionIoU()
     for item in items:
-        s = scores(item, normalise, method, power)
+        s = scores(item, normalise, method, power, colour)
         score.add(R.label(s[None], [item["class_id"]], threshold).numpy(), item["reference"])
     return score.miou()
 

@@ -144,8 +144,13 @@ class GenerationConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self, definition: Definition) -> str:
-        """A hash of the definition and of every setting that changes a sample."""
+        """A hash of the definition and of every setting that changes a sample, the
+        refinement by its resolved parameters: a changed default changes the hash, so a
+        dataset is never resumed with masks cut two ways."""
+        from diffumask_datasets.refine import Refinement  # torch: only when a run starts
+
         settings = {k: v for k, v in self.to_dict().items() if k not in NOT_FINGERPRINTED}
+        settings["refinement"] = Refinement.from_any(self.refinement).to_dict()
         blob = json.dumps(
             {"definition": definition.fingerprint(), "settings": settings},
             sort_keys=True,

@@ -260,9 +260,16 @@ class DiffuMask:
             affinity=captured.affinity,
             affinity_size=captured.affinity_size,
             device=self.pipe.device,  # the capture's maps move there if they are not yet
+            images=pixels(images) if params.colour_steps else None,
         )
         meta = {"model": self.model, **settings}
         return lambda: _samples(images, cut, prompts, seeds, token_indices, class_ids, params, meta)
+
+
+def pixels(images) -> np.ndarray:
+    """PIL images as one float32 [images, 3, H, W] array in [0, 1]: the colour step's input."""
+    rgb = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
+    return rgb.transpose(0, 3, 1, 2) / 255.0
 
 
 def _samples(images, cut: Cut, prompts, seeds, token_indices, class_ids, params, meta):

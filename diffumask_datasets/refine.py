@@ -1,13 +1,19 @@
 """From attention maps to a mask: small pure functions over torch tensors, chained by name.
 
 Methods (the chain each runs):
-- "threshold": aggregate -> threshold at a fixed background level -> band -> cleanup.
+- "threshold": aggregate -> colour -> threshold at a fixed background level -> band ->
+  cleanup.
 - "affinity":  aggregate at the affinity resolution -> propagate through the UNet's own
   self-attention (a random walk, the role AffinityNet plays in the paper, with no
-  training) -> min-max normalise -> upsample -> threshold -> band -> cleanup.
-- "adaptive":  the paper's per-image threshold: aggregate, then sweep the background
-  level and keep the one whose mask best agrees with the propagated ("affinity") mask
-  -> band -> cleanup.
+  training) -> min-max normalise -> upsample -> colour -> threshold -> band -> cleanup.
+- "adaptive":  the paper's per-image threshold: aggregate -> colour, then sweep the
+  background level and keep the one whose mask best agrees with the propagated
+  ("affinity", colour included) mask -> band -> cleanup.
+
+"colour" is the image-guided step, the role of the paper's dense CRF: at image size, each
+pixel's scores become the mean of its like-coloured neighbours', several times, so a mask
+drawn from a 16x16 or 32x32 attention grid snaps to the image's own edges. It needs the
+generated images (the engine passes them) and is skipped without them.
 
 Every sample records its chain, so a mask can be recomputed from the stored attention
 with other parameters (`rethreshold`).
@@ -48,6 +54,10 @@ class Refinement:
     affinity_power: random-walk steps through the self-attention matrix.
     band: pixels whose winning score lies within band/2 of the threshold are labelled 255.
     min_area: connected components smaller than this fraction of the image are dropped.
+    colour_steps: steps of colour-guided smoothing of the scores at image size before they
+        are cut (`colour_smooth`: each pixel takes the mean of its like-coloured
+        neighbours'), so masks follow the image's edges where the attention's coarse grid
+        cannot; 0 turns it off. Runs where the images are given (the engine gives them).
     cross_factors / affinity_factor / steps / affinity_steps: what capture keeps (see
         CaptureOptions). affinity_steps=(10, 20) of 20 steps halves the affinity's capture
         cost; on the shapes benchmark its masks matched every step's (BENCHMARKS.md).
@@ -59,6 +69,7 @@ class Refinement:
     affinity_power: int = 4
     band: float = 0.1
     min_area: float = 0.002
+    colour_steps: int = 10
     cross_factors: tuple[int, ...] | None = None
     affinity_factor: int | None = None
     steps: tuple[int, int] | None = None
@@ -89,6 +100,12 @@ class Refinement:
             raise DiffuMaskError(
                 f"refinement affinity_steps={window!r} must be (start, stop) step indices "
                 "with 0 <= start < stop, e.g. (10, 20) for the last half of 20 steps"
+            )
+        steps = self.colour_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise DiffuMaskError(
+                f"refinement colour_steps={steps!r} must be an integer >= 0 (0 turns the "
+                "colour-guided smoothing off)"
             )
         if int(self.affinity_power) < 1:
             raise DiffuMaskError(f"refinement affinity_power={self.affinity_power} must be >= 1")
@@ -227,6 +244,75 @@ def propagate(cam: Array, affinity: Array, power: int) -> torch.Tensor:
     for _ in range(int(power)):
         scores = affinity @ scores
     return scores.transpose(-1, -2).reshape(cam.shape)
+
+
+COLOUR_DILATIONS = (1, 2, 4, 8)
+COLOUR_SHARPNESS = 0.1  # a colour step of 0.1 local spreads costs a neighbour e^-10 of weight
+
+
+def _offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
+    return [
+        (dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx
+    ]
+
+
+def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, size: Size) -> torch.Tensor:
+    """The [..., h, w] window of a replicate-padded map moved by (dy, dx)."""
+    h, w = size
+    return padded[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+
+
+def _pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    flat = torch.nn.functional.pad(x.reshape(-1, 1, h, w), (pad,) * 4, mode="replicate")
+    return flat.reshape(*x.shape[:-2], h + 2 * pad, w + 2 * pad)
+
+
+def colour_weights(images: Array, dilations: Sequence[int] = COLOUR_DILATIONS) -> torch.Tensor:
+    """[images, K, H, W]: how much each pixel takes from each of its K neighbours (the 8 at
+    each dilation), by how alike their colours are: a softmax over the neighbours of
+    -|colour difference| / (COLOUR_SHARPNESS x the spread of the neighbours' colours),
+    averaged over channels; near 1/K inside a flat region, near 0 across an edge.
+
+    images: [images, 3, H, W], any range. The pixel-adaptive refinement of Araslanov and
+    Roth (CVPR 2020), in the role the paper gives a dense CRF: masks follow the image's
+    edges. One neighbour at a time, so memory stays K maps, not K images.
+    """
+    images = as_tensor(images)
+    pad, size, offsets = max(dilations), tuple(images.shape[-2:]), _offsets(dilations)
+    padded = _pad(images, pad)
+    total = torch.zeros_like(images)
+    squares = torch.zeros_like(images)
+    for dy, dx in offsets:
+        around = _shifted(padded, pad, dy, dx, size)
+        total += around
+        squares += around * around
+    mean = total / len(offsets)
+    spread = (squares / len(offsets) - mean * mean).clamp_min(0).sqrt() + 1e-8
+    closeness = torch.stack(
+        [
+            -((_shifted(padded, pad, dy, dx, size) - images).abs() / spread).mean(dim=1)
+            for dy, dx in offsets
+        ],
+        dim=1,
+    )
+    return torch.softmax(closeness / COLOUR_SHARPNESS, dim=1)
+
+
+def colour_smooth(
+    scores: Array, weights: torch.Tensor, steps: int, dilations: Sequence[int] = COLOUR_DILATIONS
+) -> torch.Tensor:
+    """Scores [images, classes, H, W] replaced `steps` times by the colour-weighted mean of
+    their neighbours' (weights from `colour_weights` with the same dilations)."""
+    scores = as_tensor(scores, weights.device)
+    pad, size, offsets = max(dilations), tuple(scores.shape[-2:]), _offsets(dilations)
+    for _ in range(int(steps)):
+        padded = _pad(scores, pad)
+        smoothed = torch.zeros_like(scores)
+        for k, (dy, dx) in enumerate(offsets):
+            smoothed += _shifted(padded, pad, dy, dx, size) * weights[:, k : k + 1]
+        scores = smoothed
+    return scores
 
 
 def _ids(ids: Any, device: torch.device) -> torch.Tensor:
@@ -542,11 +628,14 @@ def cut_masks(
     affinity_size: Size | None = None,
     device: torch.device | str | None = None,
     chunk: int | None = None,
+    images: Array | None = None,
 ) -> Cut:
     """The device part of refining a batch: scores, per-image level, banded masks.
 
     class_maps: per image, {class name: {(h, w): mean cross-attention map}}.
     affinity: [images, Q, Q]. device: where to compute (default: where the first map is).
+    images: [images, 3, H, W] at `size`, any range: the colour step (params.colour_steps)
+    reads them; without them it does not run, and the chain says so by its absence.
     chunk: images computed together; default all on an accelerator, one on the CPU,
     where a 512 px image's maps fit the cache and a batch's do not (3x slower per image
     at batch 8, measured).
@@ -570,6 +659,7 @@ def cut_masks(
                     affinity_size,
                     device,
                     chunk,
+                    None if images is None else images[i : i + chunk],
                 )
                 for i in parts
             ]
@@ -589,8 +679,9 @@ def cut_masks(
         ]
         for maps in class_maps
     ]
+    smooth = _colour_step(images, size, params.colour_steps, device)
     if params.method == "threshold":
-        scores = aggregate(cross, size)
+        scores = smooth(aggregate(cross, size), chains)
         return _cut(scores, classes, ids, [params.threshold] * len(ids), params, chains)
     if affinity is None or affinity_size is None:
         raise DiffuMaskError(
@@ -609,9 +700,10 @@ def cut_masks(
     ]
     for chain in chains:
         chain.extend(dict(s) for s in steps)
+    propagated = smooth(propagated, chains)
     if params.method == "affinity":
         return _cut(propagated, classes, ids, [params.threshold] * len(ids), params, chains)
-    scores = aggregate(cross, size)
+    scores = smooth(aggregate(cross, size))  # the reference's step, recorded once
     # the sweep compares labels: 1 + the first position of the class's id (two names
     # with one id are one class, as in the id mask)
     classes_as_labels = [[i.index(c) + 1 for c in i] for i in ids]
@@ -633,6 +725,27 @@ def cut_masks(
     return _cut(scores, classes, ids, levels, params, chains)
 
 
+def _colour_step(images: Array | None, size: Size, steps: int, device):
+    """The colour-guided smoothing of score maps at image size, as a function of (scores,
+    chains to record it in); the identity where it is off or has no images."""
+    if images is None or steps == 0:
+        return lambda scores, chains=(): scores
+    images = as_tensor(images, device)
+    if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != tuple(size):
+        raise DiffuMaskError(
+            f"images of shape {tuple(images.shape)} do not fit the colour step: give "
+            f"[images, 3, {size[0]}, {size[1]}], the generated images at mask size"
+        )
+    weights = colour_weights(images)
+
+    def smooth(scores: torch.Tensor, chains=()) -> torch.Tensor:
+        for chain in chains:
+            chain.append({"step": "colour", "steps": steps, "dilations": list(COLOUR_DILATIONS)})
+        return colour_smooth(scores, weights, steps)
+
+    return smooth
+
+
 def refine_batch(
     class_maps: Sequence[Mapping[str, Mapping[Size, Array]]],
     class_ids: Mapping[str, int],
@@ -642,9 +755,12 @@ def refine_batch(
     affinity_size: Size | None = None,
     device: torch.device | str | None = None,
     chunk: int | None = None,
+    images: Array | None = None,
 ) -> list[Refined]:
     """Mask, per-class scores, quality and chain for each image of a batch (see cut_masks)."""
-    cut = cut_masks(class_maps, class_ids, size, params, affinity, affinity_size, device, chunk)
+    cut = cut_masks(
+        class_maps, class_ids, size, params, affinity, affinity_size, device, chunk, images
+    )
     return finish(cut)
 
 
@@ -655,14 +771,18 @@ def refine(
     params: Refinement | None = None,
     affinity: Array | None = None,
     affinity_size: Size | None = None,
+    image: Array | None = None,
 ) -> Refined:
     """Mask, per-class scores, quality and chain for one image.
 
     class_maps: {class name: {(h, w): mean cross-attention map}} for the prompt's classes.
-    affinity: [Q, Q].
+    affinity: [Q, Q]. image: [3, H, W] at `size`, for the colour step (see cut_masks).
     """
     batched = None if affinity is None else as_tensor(affinity)[None]
-    return refine_batch([class_maps], class_ids, size, params, batched, affinity_size)[0]
+    images = None if image is None else as_tensor(image)[None]
+    return refine_batch(
+        [class_maps], class_ids, size, params, batched, affinity_size, images=images
+    )[0]
 
 
 def rethreshold(

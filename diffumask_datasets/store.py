@@ -709,7 +709,13 @@ def create_store(path: str | Path, manifest: dict, resume: bool = False) -> Stor
                     what.insert(0, "the dataset definition differs")
                 raise DiffuMaskError(
                     f"{str(path)!r} holds a dataset made with different settings ("
-                    + "; ".join(what or ["fingerprint differs"])
+                    + "; ".join(
+                        what
+                        or [
+                            "the same settings resolve to other samples in this version, "
+                            "e.g. a changed refinement default"
+                        ]
+                    )
                     + "). Use another output directory, or the stored settings to resume it"
                 )
             if not resume:

@@ -13,6 +13,8 @@ from diffumask_datasets.refine import (
     adaptive_threshold,
     aggregate,
     apply_band,
+    colour_smooth,
+    colour_weights,
     gamma_sweep,
     label,
     levels_below,
@@ -204,12 +206,80 @@ def test_rethreshold_higher_threshold_fewer_pixels():
         ({"affinity_steps": [-1, 5]}, r"affinity_steps=\(-1, 5\)"),
         ({"affinity_steps": [0.5, 1]}, r"affinity_steps=\(0.5, 1\)"),
         ({"affinity_steps": 10}, r"affinity_steps=10 must be \(start, stop\)"),
+        ({"colour_steps": -1}, r"colour_steps=-1 must be an integer >= 0"),
+        ({"colour_steps": 2.5}, r"colour_steps=2.5 must be an integer >= 0"),
         (3, r"not a method name"),
     ],
 )
 def test_bad_refinement_parameters(value, message):
     with pytest.raises(DiffuMaskError, match=message):
         Refinement.from_any(value)
+
+
+# -- the colour step ------------------------------------------------------------------------
+
+
+def painted(*regions, background=(0.1, 0.1, 0.1)):
+    """[3, H, W]: a flat background with each (mask, rgb) region painted over it."""
+    image = np.empty((3, *SIZE), np.float32)
+    image[:] = np.array(background, np.float32)[:, None, None]
+    for mask, rgb in regions:
+        image[:, mask] = np.array(rgb, np.float32)[:, None]
+    return image
+
+
+def test_colour_smoothing_spreads_inside_a_colour_and_not_across_an_edge():
+    left = np.zeros(SIZE, bool)
+    left[:, :32] = True
+    image = painted((left, (0.9, 0.8, 0.2)))
+    scores = np.zeros((1, 1, *SIZE), np.float32)
+    scores[0, 0, 10:20, 5:15] = 1.0  # a patch on the left half
+    out = colour_smooth(scores, colour_weights(image[None]), 10)[0, 0].numpy()
+    assert out[:, 32:].max() < 1e-3  # nothing leaks across the edge
+    assert out[:, :32].min() > 0 or out[30:, :32].max() > 0.01  # it spread on its own side
+    assert out[25:35, 5:15].mean() > 0.05
+    assert out.max() <= 1.0 + 1e-6 and out.min() >= 0.0  # a mean of neighbours, no overshoot
+    assert abs(out.sum() - 100) / 100 < 0.5  # moved, not made or lost wholesale
+
+
+@pytest.mark.parametrize("method", ["threshold", "adaptive", "affinity"])
+def test_the_colour_step_snaps_a_coarse_mask_to_the_objects_edges(method):
+    """Attention seen only through an 8x8 grid, and an 8x8 affinity: without the
+    image the masks are blocky; with it they follow the painted outlines."""
+    rng = np.random.default_rng(3)
+    bird = disc((22, 22), 12)
+    dog = square((38, 34), 20)
+    maps = {
+        "bird": {(8, 8): attention_field(bird, rng, 8)},
+        "dog": {(8, 8): attention_field(dog, rng, 8)},
+    }
+    affinity = affinity_from_regions(bird * 1 + dog * 2, 8, rng)
+    image = painted((bird, (0.9, 0.2, 0.2)), (dog, (0.2, 0.3, 0.9)))
+    ids = {"bird": 3, "dog": 12}
+    params = Refinement(method=method, band=0.0, min_area=0.0)
+    plain = refine(maps, ids, SIZE, params, affinity, (8, 8))
+    snapped = refine(maps, ids, SIZE, params, affinity, (8, 8), image=image)
+    for mask, name, truth in ((3, "bird", bird), (12, "dog", dog)):
+        before, after = iou(plain.mask == mask, truth), iou(snapped.mask == mask, truth)
+        assert after >= 0.95 and after > before + 0.05, (name, before, after)
+    assert "colour" not in [s["step"] for s in plain.chain]
+    colour = [s for s in snapped.chain if s["step"] == "colour"]
+    assert colour == [{"step": "colour", "steps": 10, "dilations": [1, 2, 4, 8]}]
+    off = refine(maps, ids, SIZE, Refinement(method, colour_steps=0), affinity, (8, 8), image=image)
+    assert "colour" not in [s["step"] for s in off.chain]
+
+
+def test_the_colour_step_needs_images_at_mask_size():
+    rng = np.random.default_rng(0)
+    bird = disc((32, 32), 9)
+    with pytest.raises(DiffuMaskError, match=r"images of shape \(1, 3, 32, 32\) do not fit"):
+        refine(
+            {"bird": multires(bird, rng)},
+            {"bird": 1},
+            SIZE,
+            Refinement("threshold"),
+            image=np.zeros((3, 32, 32), np.float32),
+        )
 
 
 def test_affinity_methods_need_an_affinity():
@@ -356,8 +426,14 @@ def test_batched_equals_per_image(method):
     maps, affinity = batch_inputs()
     params = Refinement(method=method, min_area=0.01)
     ids = {"bird": 3, "dog": 12}
-    together = refine_batch(maps, ids, SIZE, params, affinity, (16, 16), chunk=len(maps))
-    alone = [refine(m, ids, SIZE, params, a, (16, 16)) for m, a in zip(maps, affinity, strict=True)]
+    images = np.random.default_rng(2).random((len(maps), 3, *SIZE), dtype=np.float32)
+    together = refine_batch(
+        maps, ids, SIZE, params, affinity, (16, 16), chunk=len(maps), images=images
+    )
+    alone = [
+        refine(m, ids, SIZE, params, a, (16, 16), image=i)
+        for m, a, i in zip(maps, affinity, images, strict=True)
+    ]
     for a, b in zip(together, alone, strict=True):
         np.testing.assert_array_equal(a.mask, b.mask)
         assert a.chain == b.chain and a.quality == pytest.approx(b.quality, abs=2e-6)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from diffumask_datasets.build import CorruptShardWarning, GenerationConfig, build_dataset
+from diffumask_datasets.definitions import load_definition
 from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.store import DIGESTS, MANIFEST, file_digest, open_store, write_store
 
@@ -158,6 +159,17 @@ def test_existing_store_without_resume_is_refused(built):
 def test_resume_with_other_settings_is_refused_naming_them(built, change, named):
     with pytest.raises(DiffuMaskError, match=named):
         build_dataset(built.path, "voc", config(**change), resume=True, engine=NoEngine())
+
+
+def test_the_fingerprint_reads_the_refinements_resolved_parameters():
+    """Spelt three ways, the default refinement is one setting; a changed parameter (as a
+    changed default would be) is another, so a store is never resumed with masks cut two
+    ways."""
+    definition = load_definition("voc")
+    default = config(refinement=None).fingerprint(definition)
+    assert config(refinement="adaptive").fingerprint(definition) == default
+    assert config(refinement={"colour_steps": 10}).fingerprint(definition) == default
+    assert config(refinement={"colour_steps": 0}).fingerprint(definition) != default
 
 
 def test_a_missing_shard_is_regenerated_identically(built, tiny, tmp_path):
