@@ -3,7 +3,9 @@ numpy one it replaced (commit d0e6cdf, read with `git show`), alternating; media
 minima (on a shared machine the minimum is the least disturbed run).
 
 Inputs shaped as SD-1.5 at 512 px hands them over: cross-attention maps at 64, 32 and
-16 px per class, a 32x32 self-attention affinity (1024 x 1024); synthetic objects.
+16 px per class, a 32x32 self-attention affinity (1024 x 1024); synthetic objects. The
+colour step (`colour_steps`, on by default in the engine) runs only in the row given an
+image (its cost does not depend on the pixels: a random one).
 
     OMP_NUM_THREADS=1 python benchmarks/refine_speed.py
 """
@@ -43,6 +45,7 @@ def main(argv=None) -> None:
     ids = {"bird": 1, "dog": 2}
     tensors = {c: {s: torch.from_numpy(m) for s, m in by.items()} for c, by in maps.items()}
     batch8 = torch.from_numpy(affinity)[None].expand(8, -1, -1)
+    image = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(0))
     rows = []
     for method in ("threshold", "affinity", "adaptive"):
         runs = {
@@ -54,6 +57,16 @@ def main(argv=None) -> None:
             ),
             "torch, batch of 8 (per image)": lambda m=method: new.refine_batch(
                 [tensors] * 8, ids, (512, 512), new.Refinement(m), batch8, affinity_size
+            ),
+            # the rows above have no image, so no colour step (the numpy code had none)
+            "torch + colour step": lambda m=method: new.refine_batch(
+                [tensors],
+                ids,
+                (512, 512),
+                new.Refinement(m),
+                batch8[:1],
+                affinity_size,
+                images=image,
             ),
         }
         times = {name: [] for name in runs}

