@@ -269,6 +269,24 @@ def test_the_colour_step_snaps_a_coarse_mask_to_the_objects_edges(method):
     assert "colour" not in [s["step"] for s in off.chain]
 
 
+@pytest.mark.parametrize("method", ["threshold", "affinity"])
+def test_the_quality_reads_the_attention_before_the_colour_step(method):
+    """After the colour step every mask looks confident; the quality judges the mask by the
+    attention's own scores (those the same refinement without the step cuts from)."""
+    rng = np.random.default_rng(4)
+    bird = disc((30, 30), 12)
+    maps = {"bird": {(8, 8): attention_field(bird, rng, 8, noise=0.3)}}
+    affinity = affinity_from_regions(bird.astype(int), 8, rng)
+    params = Refinement(method=method)
+    image = painted((bird, (0.2, 0.8, 0.3)))
+    plain = refine(maps, {"bird": 1}, SIZE, Refinement(method, colour_steps=0), affinity, (8, 8))
+    snapped = refine(maps, {"bird": 1}, SIZE, params, affinity, (8, 8), image=image)
+    own = np.stack([plain.attention["bird"]])
+    assert snapped.quality == pytest.approx(quality_score(snapped.mask, own, [1]), abs=1e-6)
+    smoothed = np.stack([snapped.attention["bird"]])
+    assert snapped.quality < quality_score(snapped.mask, smoothed, [1]) - 0.01
+
+
 def test_the_colour_step_needs_images_at_mask_size():
     rng = np.random.default_rng(0)
     bird = disc((32, 32), 9)
