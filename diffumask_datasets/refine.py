@@ -806,7 +806,10 @@ def rethreshold(
     size: Size | None = None,
 ) -> tuple[np.ndarray, float, list[dict[str, Any]]]:
     """Recompute a mask from stored per-class scores with another threshold, band and
-    cleanup. Maps are resized to `size` (default: the largest map's size)."""
+    cleanup. Maps are resized to `size` (default: the largest map's size). The stored
+    scores are those the mask was cut from (after the colour step), and the quality here
+    reads them: it ranks masks less sharply than the quality made at generation, which
+    reads the attention before that step (not stored)."""
     if not attention:
         raise DiffuMaskError("no attention maps to re-threshold")
     names = list(attention)
