@@ -172,6 +172,19 @@ def test_the_fingerprint_reads_the_refinements_resolved_parameters():
     assert config(refinement={"colour_steps": 0}).fingerprint(definition) != default
 
 
+def test_a_store_whose_settings_now_resolve_otherwise_is_refused_saying_why(built, tmp_path):
+    """A store written by a version whose defaults cut masks otherwise: the same stored
+    settings, another fingerprint; resuming names the likely cause and writes nothing."""
+    old = copy_store(built, tmp_path / "old")
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["fingerprint"] = "0" * 64  # what an earlier version's defaults hashed to
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    before = file_hashes(old)
+    with pytest.raises(DiffuMaskError, match="resolve to other samples in this version"):
+        build_dataset(old, "voc", config(), resume=True, progress=False, engine=NoEngine())
+    assert file_hashes(old) == before
+
+
 def test_a_missing_shard_is_regenerated_identically(built, tiny, tmp_path):
     import shutil
 
