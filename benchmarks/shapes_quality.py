@@ -504,11 +504,11 @@ def main(argv=None) -> dict:
         f"guidance {args.guidance}; {drawn} drew an object (>= {MIN_OBJECT_PIXELS} px off the "
         f"background) and are scored; {sum(coloured)} drew the named colour"
     )
-    header = f"{'method':<15}{'mIoU':>7}" + "".join(f"{n:>11}" for n in NAMES) + f"{'sec':>7}"
+    header = f"{'method':<20}{'mIoU':>7}" + "".join(f"{n:>11}" for n in NAMES) + f"{'sec':>7}"
     print(header)
     for name, r in fidelity.items():
         cells = "".join(f"{r['per_class'][n]:>11.3f}" for n in NAMES)
-        print(f"{name:<15}{r['miou']:>7.3f}{cells}{r['seconds']:>7.1f}")
+        print(f"{name:<20}{r['miou']:>7.3f}{cells}{r['seconds']:>7.1f}")
     best = max(fidelity, key=lambda k: fidelity[k]["miou"])
     print_shape_fidelity(check, held_out, shapes)
     if args.sheet is not None:
