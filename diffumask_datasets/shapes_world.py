@@ -10,6 +10,7 @@ is painted from the same masks, so image and mask never disagree (no anti-aliasi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -214,6 +215,21 @@ def random_objects(
     return placed
 
 
+def background_odds(weights: Mapping[str, float]) -> np.ndarray:
+    """Probabilities over BACKGROUNDS (in its order) from relative weights by name."""
+    unknown = sorted(set(weights) - set(BACKGROUNDS))
+    if unknown:
+        raise DiffuMaskError(
+            f"unknown background(s) {unknown} in the weights; use {', '.join(BACKGROUNDS)}"
+        )
+    odds = np.array([float(weights.get(name, 1.0)) for name in BACKGROUNDS])
+    if (odds < 0).any() or not np.isfinite(odds).all() or odds.sum() <= 0:
+        raise DiffuMaskError(
+            f"background weights {dict(weights)} must be finite, >= 0 and not all 0"
+        )
+    return odds / odds.sum()
+
+
 def random_scene(
     rng: np.random.Generator,
     count: int | None = None,
@@ -221,16 +237,22 @@ def random_scene(
     name_background: float = 0.8,
     photo: float = 0.5,
     name_colour: float = 0.9,
+    backgrounds: Mapping[str, float] | None = None,
 ) -> Scene:
     """One random scene; `count` None draws 1 (40%), 2 (40%) or 3 (20%) objects.
 
     The caption names the background with probability `name_background`, starts with
     "a photo of" with probability `photo` and names each object's colour with
-    probability `name_colour`."""
+    probability `name_colour`. `backgrounds`: relative weights by name (a name left out
+    weighs 1); None draws them uniformly, as the shipped model was trained."""
     if count is None:
         count = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
     objects = random_objects(rng, count, size)
-    background = str(rng.choice(list(BACKGROUNDS)))
+    names = list(BACKGROUNDS)
+    if backgrounds is None:  # no p: the draws of every run before the weights existed
+        background = str(rng.choice(names))
+    else:
+        background = str(rng.choice(names, p=background_odds(backgrounds)))
     text = caption(
         objects,
         background if rng.random() < name_background else None,

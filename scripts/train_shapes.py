@@ -57,6 +57,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffumask_datasets import shapes_world as sw  # noqa: E402
+from diffumask_datasets.errors import DiffuMaskError  # noqa: E402
 
 SPECIALS = ("<pad>", "<unk>", "<start>", "<end>")
 MAX_LENGTH = 24
@@ -498,7 +499,8 @@ def encode_dataset(work: Path, vae, scale: float, tokenizer, args, log) -> tuple
     rng = np.random.default_rng(args.seed + 3)
     latents, captions = [], []
     for begin in range(0, args.scenes, 256):
-        scenes = [sw.random_scene(rng) for _ in range(min(256, args.scenes - begin))]
+        count = min(256, args.scenes - begin)
+        scenes = [sw.random_scene(rng, backgrounds=args.background_weights) for _ in range(count)]
         x = images_to_tensor([s.image for s in scenes]).to(device)
         latents.append(vae.encode(x).latent_dist.mean * scale)
         captions += [s.caption for s in scenes]
@@ -670,6 +672,24 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
     log({"stage": "export", "dest": str(dest), "checkpoint": which, "step": ckpt["step"]})
 
 
+def background_weights(text: str) -> dict[str, float]:
+    """'black=2,gray=2' -> {'black': 2.0, 'gray': 2.0}, checked against the world."""
+    weights = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{item!r} is not NAME=WEIGHT (e.g. black=2,gray=2)")
+    try:
+        sw.background_odds(weights)
+    except DiffuMaskError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return weights
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("runs/shapes"))
@@ -704,6 +724,13 @@ def parser() -> argparse.ArgumentParser:
         help="autoencoder steps at batch 16 (runs A-S: 800; its round trip caps every mask)",
     )
     p.add_argument("--scenes", type=int, default=30_000)
+    p.add_argument(
+        "--background-weights",
+        type=background_weights,
+        default=None,
+        help="relative weights of the training scenes' backgrounds, e.g. black=2,gray=2 "
+        "(a name left out weighs 1; default: uniform)",
+    )
     p.add_argument("--text-layers", type=int, default=0, help="0: token-local embeddings")
     p.add_argument("--text-hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=1)

@@ -117,6 +117,34 @@ def test_object_silhouette_cuts_out_the_largest_object_whatever_its_size_and_col
     assert silhouette([], "cream") is None
 
 
+def test_background_weights_tilt_the_scenes_and_leave_the_default_draws_alone():
+    def backgrounds(weights, seed=3, n=400):
+        rng = np.random.default_rng(seed)
+        return [sw.random_scene(rng, backgrounds=weights).background for _ in range(n)]
+
+    uniform = backgrounds(None)
+    # without weights, the draws of every run before they existed (read off commit 52a6771)
+    before = ["cream", "sky", "gray", "cream", "white", "white", "sky", "black", "sky"]
+    assert backgrounds(None, 3, 9) == before
+    dark = backgrounds({"black": 3, "gray": 3})
+    for name in ("black", "gray"):  # 3/9 each against 1/5
+        assert dark.count(name) / len(dark) > 0.27 > uniform.count(name) / len(uniform)
+    assert set(backgrounds({"white": 0, "cream": 0, "sky": 0})) == {"black", "gray"}
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({"blak": 2}, r"unknown background\(s\) \['blak'\]"),
+        ({"black": -1}, r"must be finite, >= 0 and not all 0"),
+        (dict.fromkeys(sw.BACKGROUNDS, 0), r"not all 0"),
+    ],
+)
+def test_bad_background_weights_are_refused(weights, message):
+    with pytest.raises(DiffuMaskError, match=message):
+        sw.random_scene(np.random.default_rng(0), backgrounds=weights)
+
+
 def test_renderer_refuses_unknown_names():
     with pytest.raises(DiffuMaskError, match="hexagon"):
         sw.render_scene([sw.ShapeObject("hexagon", "red", (32, 32), 10)])

@@ -36,6 +36,24 @@ def test_the_cooldown_falls_to_zero_over_the_last_steps_only():
     assert train_shapes.learning_rate(9, 1e-3, 10, 0) == 1e-3
 
 
+def test_background_weights_choose_the_training_scenes(tmp_path):
+    dark = ["--background-weights", "white=0,cream=0,sky=0"]
+    train_shapes.main(["--work", str(tmp_path), "--max-steps", "0", *TINY, *dark])
+    captions = torch.load(tmp_path / "latents.pt", weights_only=False)["captions"]
+    named = {c.split(" on a ")[1].split()[0] for c in captions if " on a " in c}
+    assert named == {"black", "gray"} and len(captions) == 64
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("black", "is not NAME=WEIGHT"), ("black=x", "is not NAME=WEIGHT"), ("plaid=2", "plaid")],
+)
+def test_bad_background_weights_stop_the_script_naming_them(value, message, capsys):
+    with pytest.raises(SystemExit):
+        train_shapes.parse_args(["--background-weights", value])
+    assert message in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory) -> Path:
     """A work folder whose autoencoder and latents (cached stages) the runs start from,
