@@ -85,7 +85,7 @@ def capture(n: int, seed: int) -> list[dict]:
     for item, sample, (_, shape, _) in zip(kept, samples, prompts, strict=True):
         item["class_id"] = sw.CLASS_IDS[shape]
         item["reference"] = sq.reference_mask(sample.image, shape)
-        item["image"] = np.asarray(sample.image, dtype=np.float32).transpose(2, 0, 1) / 255
+        item["image"] = generate.pixels([sample.image])[0]
     return [k for k in kept if (k["reference"] > 0).sum() >= sq.MIN_OBJECT_PIXELS]
 
 

@@ -676,13 +676,12 @@ def background_weights(text: str) -> dict[str, float]:
     """'black=2,gray=2' -> {'black': 2.0, 'gray': 2.0}, checked against the world."""
     weights = {}
     for item in (part.strip() for part in text.split(",") if part.strip()):
-        name, sep, value = item.partition("=")
+        name, _, value = item.partition("=")  # no "=": value is "", which float refuses
         try:
             weights[name.strip()] = float(value)
         except ValueError:
-            sep = ""
-        if not sep:
-            raise argparse.ArgumentTypeError(f"{item!r} is not NAME=WEIGHT (e.g. black=2,gray=2)")
+            message = f"{item!r} is not NAME=WEIGHT (e.g. black=2,gray=2)"
+            raise argparse.ArgumentTypeError(message) from None
     try:
         sw.background_odds(weights)
     except DiffuMaskError as error:
