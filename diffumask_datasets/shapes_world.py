@@ -45,6 +45,9 @@ CAPTION_WORDS: tuple[str, ...] = (
     ("a", "photo", "of", "and", "on", "background") + SHAPES + tuple(COLOURS) + tuple(BACKGROUNDS)
 )
 
+# The most objects a random scene holds (each of a distinct shape and colour).
+MAX_OBJECTS = 3
+
 # Half-size (circumradius) range of an object in pixels at 64x64.
 MIN_RADIUS, MAX_RADIUS = 8.0, 15.0
 
@@ -172,17 +175,32 @@ def render_scene(
 
 
 def random_objects(
-    rng: np.random.Generator, count: int, size: int = SIZE, max_overlap: float = 0.15
+    rng: np.random.Generator,
+    count: int,
+    size: int = SIZE,
+    max_overlap: float = 0.15,
+    shapes: Mapping[str, float] | None = None,
 ) -> list[ShapeObject]:
-    """`count` objects of distinct shapes and distinct colours, mostly not overlapping."""
+    """`count` objects of distinct shapes and distinct colours, mostly not overlapping.
+
+    `shapes`: relative weights by name (a name left out weighs 1); None draws uniformly."""
     if not 1 <= count <= len(SHAPES):
         raise DiffuMaskError(f"object count {count} is out of range 1..{len(SHAPES)}")
-    shapes = rng.choice(len(SHAPES), size=count, replace=False)
+    if shapes is None:  # no p: the draws of every run before the weights existed
+        shape_indices = rng.choice(len(SHAPES), size=count, replace=False)
+    else:
+        odds = weighted_odds(shapes, SHAPES, "shape")
+        if np.count_nonzero(odds) < count:
+            raise DiffuMaskError(
+                f"shape weights {dict(shapes)} leave fewer than {count} shapes to draw a "
+                f"scene of {count} distinct objects; give at least {count} shapes a weight > 0"
+            )
+        shape_indices = rng.choice(len(SHAPES), size=count, replace=False, p=odds)
     colours = rng.choice(len(COLOURS), size=count, replace=False)
     colour_names = list(COLOURS)
     scale = size / SIZE
     placed: list[ShapeObject] = []
-    for shape_index, colour_index in zip(shapes, colours, strict=True):
+    for shape_index, colour_index in zip(shape_indices, colours, strict=True):
         best = None
         for _ in range(30):
             # Several objects share the canvas, so they are drawn a bit smaller.
@@ -215,18 +233,15 @@ def random_objects(
     return placed
 
 
-def background_odds(weights: Mapping[str, float]) -> np.ndarray:
-    """Probabilities over BACKGROUNDS (in its order) from relative weights by name."""
-    unknown = sorted(set(weights) - set(BACKGROUNDS))
+def weighted_odds(weights: Mapping[str, float], names, what: str) -> np.ndarray:
+    """Probabilities over `names` (in order) from relative weights by name; `what` says
+    what the names are in the errors ("background", "shape")."""
+    unknown = sorted(set(weights) - set(names))
     if unknown:
-        raise DiffuMaskError(
-            f"unknown background(s) {unknown} in the weights; use {', '.join(BACKGROUNDS)}"
-        )
-    odds = np.array([float(weights.get(name, 1.0)) for name in BACKGROUNDS])
+        raise DiffuMaskError(f"unknown {what}(s) {unknown} in the weights; use {', '.join(names)}")
+    odds = np.array([float(weights.get(name, 1.0)) for name in names])
     if (odds < 0).any() or not np.isfinite(odds).all() or odds.sum() <= 0:
-        raise DiffuMaskError(
-            f"background weights {dict(weights)} must be finite, >= 0 and not all 0"
-        )
+        raise DiffuMaskError(f"{what} weights {dict(weights)} must be finite, >= 0 and not all 0")
     return odds / odds.sum()
 
 
@@ -238,21 +253,22 @@ def random_scene(
     photo: float = 0.5,
     name_colour: float = 0.9,
     backgrounds: Mapping[str, float] | None = None,
+    shapes: Mapping[str, float] | None = None,
 ) -> Scene:
     """One random scene; `count` None draws 1 (40%), 2 (40%) or 3 (20%) objects.
 
     The caption names the background with probability `name_background`, starts with
     "a photo of" with probability `photo` and names each object's colour with
-    probability `name_colour`. `backgrounds`: relative weights by name (a name left out
-    weighs 1); None draws them uniformly, as the shipped model was trained."""
+    probability `name_colour`. `backgrounds` and `shapes`: relative weights by name (a
+    name left out weighs 1); None draws uniformly, as runs before the weights existed."""
     if count is None:
-        count = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
-    objects = random_objects(rng, count, size)
+        count = int(rng.choice([1, 2, MAX_OBJECTS], p=[0.4, 0.4, 0.2]))
+    objects = random_objects(rng, count, size, shapes=shapes)
     names = list(BACKGROUNDS)
     if backgrounds is None:  # no p: the draws of every run before the weights existed
         background = str(rng.choice(names))
     else:
-        background = str(rng.choice(names, p=background_odds(backgrounds)))
+        background = str(rng.choice(names, p=weighted_odds(backgrounds, names, "background")))
     text = caption(
         objects,
         background if rng.random() < name_background else None,

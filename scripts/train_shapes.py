@@ -500,7 +500,10 @@ def encode_dataset(work: Path, vae, scale: float, tokenizer, args, log) -> tuple
     latents, captions = [], []
     for begin in range(0, args.scenes, 256):
         count = min(256, args.scenes - begin)
-        scenes = [sw.random_scene(rng, backgrounds=args.background_weights) for _ in range(count)]
+        scenes = [
+            sw.random_scene(rng, backgrounds=args.background_weights, shapes=args.shape_weights)
+            for _ in range(count)
+        ]
         x = images_to_tensor([s.image for s in scenes]).to(device)
         latents.append(vae.encode(x).latent_dist.mean * scale)
         captions += [s.caption for s in scenes]
@@ -672,21 +675,33 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
     log({"stage": "export", "dest": str(dest), "checkpoint": which, "step": ckpt["step"]})
 
 
-def background_weights(text: str) -> dict[str, float]:
-    """'black=2,gray=2' -> {'black': 2.0, 'gray': 2.0}, checked against the world."""
-    weights = {}
-    for item in (part.strip() for part in text.split(",") if part.strip()):
-        name, _, value = item.partition("=")  # no "=": value is "", which float refuses
+def weights_by_name(names, what: str, at_least: int = 1):
+    """An argparse type: 'black=2,gray=2' -> {'black': 2.0, 'gray': 2.0}, checked against
+    `names` (the world's backgrounds or shapes), at least `at_least` of them drawable."""
+
+    def parse(text: str) -> dict[str, float]:
+        weights = {}
+        for item in (part.strip() for part in text.split(",") if part.strip()):
+            name, _, value = item.partition("=")  # no "=": value is "", which float refuses
+            try:
+                weights[name.strip()] = float(value)
+            except ValueError:
+                message = f"{item!r} is not NAME=WEIGHT (e.g. {names[0]}=2)"
+                raise argparse.ArgumentTypeError(message) from None
         try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            message = f"{item!r} is not NAME=WEIGHT (e.g. black=2,gray=2)"
-            raise argparse.ArgumentTypeError(message) from None
-    try:
-        sw.background_odds(weights)
-    except DiffuMaskError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return weights
+            odds = sw.weighted_odds(weights, names, what)
+        except DiffuMaskError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        if np.count_nonzero(odds) < at_least:  # refused now, not after the autoencoder's minutes
+            message = (
+                f"{what} weights {weights} leave {np.count_nonzero(odds)} {what}s to draw; "
+                f"training scenes hold up to {at_least} distinct ones, so give at least "
+                f"{at_least} a weight > 0"
+            )
+            raise argparse.ArgumentTypeError(message)
+        return weights
+
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -725,9 +740,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, default=30_000)
     p.add_argument(
         "--background-weights",
-        type=background_weights,
+        type=weights_by_name(tuple(sw.BACKGROUNDS), "background"),
         default=None,
         help="relative weights of the training scenes' backgrounds, e.g. black=2,gray=2 "
+        "(a name left out weighs 1; default: uniform)",
+    )
+    p.add_argument(
+        "--shape-weights",
+        type=weights_by_name(sw.SHAPES, "shape", at_least=sw.MAX_OBJECTS),
+        default=None,
+        help="relative weights of the training scenes' shapes, e.g. star=2,square=2 "
         "(a name left out weighs 1; default: uniform)",
     )
     p.add_argument("--text-layers", type=int, default=0, help="0: token-local embeddings")

@@ -145,6 +145,44 @@ def test_bad_background_weights_are_refused(weights, message):
         sw.random_scene(np.random.default_rng(0), backgrounds=weights)
 
 
+def test_shape_weights_tilt_the_objects_and_leave_the_default_draws_alone():
+    def shapes(weights, seed=5, n=600):
+        rng = np.random.default_rng(seed)
+        scenes = [sw.random_scene(rng, shapes=weights) for _ in range(n)]
+        return [[o.shape for o in scene.objects] for scene in scenes]
+
+    # without weights, the draws of every run before they existed (read off commit c01e154)
+    before = [
+        ["circle", "square", "triangle"],
+        ["triangle"],
+        ["circle"],
+        ["circle", "triangle", "star"],
+        ["square"],
+        ["square", "triangle"],
+    ]
+    assert shapes(None, 5, 6) == before
+    flat = [name for scene in shapes({"circle": 0.5, "star": 1.5}) for name in scene]
+    uniform = [name for scene in shapes(None) for name in scene]
+    assert flat.count("star") > 1.15 * uniform.count("star")
+    assert flat.count("circle") < 0.75 * uniform.count("circle")
+    # a weight of 0 removes a shape; scenes still hold distinct shapes
+    without_circles = shapes({"circle": 0})
+    assert all("circle" not in scene and len(set(scene)) == len(scene) for scene in without_circles)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({"hexagon": 2}, r"unknown shape\(s\) \['hexagon'\]"),
+        ({"star": float("nan")}, r"must be finite, >= 0 and not all 0"),
+        ({"circle": 0, "square": 0, "triangle": 0}, r"give at least 3 shapes a weight > 0"),
+    ],
+)
+def test_bad_shape_weights_are_refused(weights, message):
+    with pytest.raises(DiffuMaskError, match=message):
+        sw.random_scene(np.random.default_rng(0), count=3, shapes=weights)
+
+
 def test_renderer_refuses_unknown_names():
     with pytest.raises(DiffuMaskError, match="hexagon"):
         sw.render_scene([sw.ShapeObject("hexagon", "red", (32, 32), 10)])

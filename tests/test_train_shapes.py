@@ -44,6 +44,29 @@ def test_background_weights_choose_the_training_scenes(tmp_path):
     assert named == {"black", "gray"} and len(captions) == 64
 
 
+def test_shape_weights_choose_the_training_scenes(tmp_path):
+    no_circles = ["--shape-weights", "circle=0"]
+    train_shapes.main(["--work", str(tmp_path), "--max-steps", "0", *TINY, *no_circles])
+    captions = torch.load(tmp_path / "latents.pt", weights_only=False)["captions"]
+    words = {word for c in captions for word in c.split()}
+    assert {"square", "triangle", "star"} <= words and "circle" not in words
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("star", "is not NAME=WEIGHT (e.g. circle=2)"),
+        ("star=-1", "must be finite"),
+        ("oval=2", "oval"),
+        ("circle=0,star=0", "leave 2 shapes to draw; training scenes hold up to 3"),
+    ],
+)
+def test_bad_shape_weights_stop_the_script_naming_them(value, message, capsys):
+    with pytest.raises(SystemExit):
+        train_shapes.parse_args(["--shape-weights", value])
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [("black", "is not NAME=WEIGHT"), ("black=x", "is not NAME=WEIGHT"), ("plaid=2", "plaid")],
