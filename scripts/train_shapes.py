@@ -458,13 +458,7 @@ def train_vae(work: Path, args, log, device: torch.device = torch.device("cpu"))
         if step % 100 == 0 or step == args.vae_steps - 1:
             log({"stage": "vae", "step": step, "loss": loss.item(), "elapsed": time.time() - start})
     vae.eval()
-    with torch.no_grad():
-        scenes = sw.sample_scenes(256, seed=args.seed + 2)
-        x = images_to_tensor([s.image for s in scenes]).to(device)
-        z = vae.encode(x).latent_dist.mean
-        # Held-out round trip: what the autoencoder costs every image the model draws
-        # (run S's: 0.0088, the image's pixels in [-1, 1]).
-        held_out_mse = F.mse_loss(vae.decode(z).sample, x).item()
+    held_out_mse, z = round_trip_error(vae, args.seed)
     scale = float(1.0 / z.std())
     atomic_save(
         {
@@ -486,6 +480,87 @@ def train_vae(work: Path, args, log, device: torch.device = torch.device("cpu"))
         }
     )
     return vae, scale
+
+
+@torch.no_grad()
+def round_trip_error(vae, seed: int) -> tuple[float, torch.Tensor]:
+    """The held-out round trip's MSE (the image's pixels in [-1, 1]; run S's 0.0088): what
+    the autoencoder costs every image the model draws; and the held-out latents."""
+    device = next(vae.parameters()).device
+    scenes = sw.sample_scenes(256, seed=seed + 2)
+    x = images_to_tensor([s.image for s in scenes]).to(device)
+    z = vae.encode(x).latent_dist.mean
+    return F.mse_loss(vae.decode(z).sample, x).item(), z
+
+
+def decoder_parameters(vae) -> dict[str, torch.Tensor]:
+    """The weights that turn latents into pixels: what --decoder-steps tunes."""
+    return {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant"))}
+
+
+def load_tuned_decoder(work: Path, vae) -> dict | None:
+    """The work folder's tuned decoder (decoder.pt) loaded into `vae`; its record, or None
+    when the run tuned none."""
+    path = work / "decoder.pt"
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    vae.load_state_dict({**vae.state_dict(), **state["model"]})
+    return {k: v for k, v in state.items() if k != "model"}
+
+
+def tune_decoder(work: Path, vae, args, log) -> dict | None:
+    """Stage 2b: the decoder trained on with the encoder frozen. The latents, and so a
+    UNet trained on them, keep their meaning, so this stage may follow the UNet (from an
+    export, with --init-from) as well as precede it; it raises the ceiling every drawing
+    meets on its way out. The learning rate falls linearly to zero over the steps.
+    Cached as decoder.pt (the tuned weights and its record); returns the record."""
+    cached = load_tuned_decoder(work, vae)
+    if cached is not None or args.decoder_steps == 0:
+        return cached
+    device = next(vae.parameters()).device
+    before, _ = round_trip_error(vae, args.seed)
+    tuned = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    vae.requires_grad_(False)
+    for p in tuned:
+        p.requires_grad_(True)
+    rng = np.random.default_rng(args.seed + 4)
+    opt = torch.optim.AdamW(tuned, lr=args.decoder_lr, weight_decay=0.0)
+    start = time.time()
+    vae.train()
+    for step in range(args.decoder_steps):
+        x = images_to_tensor([sw.random_scene(rng).image for _ in range(16)]).to(device)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        loss = F.mse_loss(vae.decode(z).sample, x)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(
+                step, args.decoder_lr, args.decoder_steps, args.decoder_steps
+            )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == args.decoder_steps - 1:
+            log(
+                {
+                    "stage": "decoder",
+                    "step": step,
+                    "loss": loss.item(),
+                    "elapsed": time.time() - start,
+                }
+            )
+    vae.eval().requires_grad_(False)
+    record = {
+        "steps": args.decoder_steps,
+        "lr": args.decoder_lr,
+        "held_out_mse_before": before,
+        "held_out_mse": round_trip_error(vae, args.seed)[0],
+        "seconds": time.time() - start,
+        "device": device_name(device, args.threads),
+    }
+    atomic_save({"model": decoder_parameters(vae), **record}, work / "decoder.pt")
+    log({"stage": "decoder", "done": True, **record})
+    return record
 
 
 @torch.no_grad()
@@ -583,6 +658,10 @@ def init_from_export(folder: Path, work: Path, args, defaults: dict) -> dict:
             },
             vae_path,
         )
+    decoder_path = work / "decoder.pt"
+    if record.get("decoder") and not decoder_path.exists():
+        # The folder's decoder was tuned: that stage is done, not to be run on it again.
+        atomic_save({"model": decoder_parameters(vae), **record["decoder"]}, decoder_path)
     return {
         "step": int(record["step"]),
         "seconds": float(record.get("wall_seconds", {}).get("unet") or 0.0),
@@ -618,6 +697,7 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
     args = argparse.Namespace(**{**vars(args), **train_args})
     tokenizer = build_tokenizer()
     vae, scale = train_vae(work, args, log)
+    decoder_record = load_tuned_decoder(work, vae)
     vae_record = torch.load(work / "vae.pt", map_location="cpu", weights_only=False)
     vae.register_to_config(scaling_factor=scale)
     ckpt = torch.load(work / f"{which}.pt", map_location="cpu", weights_only=False)
@@ -663,6 +743,8 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
                 },
                 "vae_device": vae_record.get("device"),
                 "vae_held_out_mse": vae_record.get("held_out_mse"),
+                # The decoder's own stage (--decoder-steps), when the run had one.
+                "decoder": decoder_record,
                 "sessions": ckpt.get("sessions", []),
                 # Where a run that began from an exported folder (--init-from) began.
                 "init_from": ckpt.get("init_from"),
@@ -737,6 +819,14 @@ def parser() -> argparse.ArgumentParser:
         default=2000,
         help="autoencoder steps at batch 16 (runs A-S: 800; its round trip caps every mask)",
     )
+    p.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=0,
+        help="steps (batch 16) of the decoder trained on with the encoder frozen, after "
+        "the autoencoder (0: none); latents keep their meaning, so it may follow an export",
+    )
+    p.add_argument("--decoder-lr", type=float, default=3e-4, help="falls linearly to zero")
     p.add_argument("--scenes", type=int, default=30_000)
     p.add_argument(
         "--background-weights",
@@ -845,6 +935,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     if args.cooldown_steps < 0:
         sys.exit(f"--cooldown-steps {args.cooldown_steps}: must be 0 (no cooldown) or more")
+    if args.decoder_steps < 0:
+        sys.exit(f"--decoder-steps {args.decoder_steps}: must be 0 (no decoder stage) or more")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device here; use --device cpu")
     device = torch.device(args.device)
@@ -876,6 +968,7 @@ def main(argv=None) -> None:
 
     tokenizer = build_tokenizer()
     vae, scale = train_vae(work, args, log, device)
+    tune_decoder(work, vae, args, log)
     vae.eval().requires_grad_(False)
     latents, captions = encode_dataset(work, vae, scale, tokenizer, args, log)
     token_ids = tokenize(tokenizer, captions)

@@ -236,3 +236,30 @@ def test_a_run_with_a_cooldown_steps_at_the_falling_rate(stages, tmp_path):
     assert ckpt["opt"]["param_groups"][0]["lr"] == pytest.approx(5e-4)  # step 3 of 4
     with pytest.raises(SystemExit, match="--cooldown-steps -1"):
         train(stages, tmp_path / "bad", 4, "--cooldown-steps", "-1")
+
+
+def test_the_decoder_stage_tunes_the_decoder_alone_and_ships_once(stages, tmp_path):
+    """--decoder-steps: the decoder trains on with the encoder frozen (the UNet's latents
+    keep their meaning); the export carries the tuned decoder and its record, and a run
+    that goes on from that export adopts it instead of tuning it again."""
+    from diffusers import AutoencoderKL
+
+    train(stages, tmp_path / "run", 1, "--decoder-steps", "2")
+    original = torch.load(stages / "vae.pt", weights_only=False)["model"]
+    tuned = torch.load(tmp_path / "run" / "decoder.pt", weights_only=False)
+    assert tuned["model"] and all(k.startswith(("decoder.", "post_quant")) for k in tuned["model"])
+    assert any(not torch.equal(v, original[k]) for k, v in tuned["model"].items())
+    shipped = tmp_path / "shipped"
+    export_run(tmp_path / "run", shipped)
+    exported = AutoencoderKL.from_pretrained(shipped / "vae").state_dict()
+    for key, value in exported.items():
+        assert torch.equal(value, tuned["model"].get(key, original[key])), key
+    record = json.loads((shipped / "training.json").read_text())["decoder"]
+    assert record["steps"] == 2 and record["held_out_mse"] > 0
+
+    later = tmp_path / "later"
+    start = ["--work", str(later), "--init-from", str(shipped), *TINY]
+    train_shapes.main([*start, "--max-steps", "1", "--decoder-steps", "2"])
+    adopted = torch.load(later / "decoder.pt", weights_only=False)
+    assert adopted["seconds"] == tuned["seconds"]  # the record carried over: not run again
+    assert all(torch.equal(v, tuned["model"][k]) for k, v in adopted["model"].items())
