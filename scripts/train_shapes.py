@@ -2,10 +2,11 @@
 
 Stages, each cached in the work folder so a rerun with ``--resume`` picks up where it
 stopped: (1) a word-level tokenizer from the world's vocabulary; (2) a small
-AutoencoderKL (64x64 RGB <-> 16x16x4 latent); (3) a fixed set of rendered scenes encoded
-to latents; (4) the text encoder and UNet2DConditionModel trained with the denoising loss (epsilon,
-or v with --prediction),
-plus an unsupervised attention-sharpness term (the entropy of each pixel's
+AutoencoderKL (64x64 RGB <-> 16x16x4 latent), then its decoder trained on alone
+(--decoder-steps: the encoder frozen, so the latents keep their meaning); (3) a fixed set
+of rendered scenes encoded to latents; (4) the text encoder and UNet2DConditionModel
+trained with the denoising loss (epsilon, or v with --prediction), plus an unsupervised
+attention-sharpness term (the entropy of each pixel's
 cross-attention distribution over tokens) between --entropy-start and --entropy-stop.
 Masks never enter training: they are read only by the localisation probe, which logs how
 well the cross-attention of the shape and colour words overlaps the objects in held-out
@@ -14,9 +15,11 @@ scenes. The schedule: 315 steps without the term, the term at weight 0.05 until 
 words localises). The defaults are run U's recipe, the shipped weights (BENCHMARKS.md,
 shapes-training): that schedule with min-SNR loss weighting (gamma 5), 27,000 steps at a
 constant learning rate that falls linearly to zero over the last 3,000 (--cooldown-steps),
-the autoencoder seeded and trained 2,000 steps. On 2 CPU cores (--threads 2) about 30 + 4 +
-125-280 minutes (autoencoder, encoding, UNet at 0.28-0.62 s/step); on an NVIDIA H200 the UNet
-runs at 11 ms/step (run U: 14,000 steps there in 157 s, the rest on the CPU):
+the autoencoder seeded and trained 2,000 steps, then its decoder alone 2,700 more (run
+D-C, the decoder of the shipped weights since session 10). On 2 CPU cores (--threads 2)
+about 30 + 23 + 4 + 125-280 minutes (autoencoder, decoder, encoding, UNet at 0.28-0.62
+s/step); on an NVIDIA H200 the UNet runs at 11 ms/step (run U: 14,000 steps there in 157 s,
+the rest on the CPU):
 
     python scripts/train_shapes.py --work runs/shapes --export runs/shapes/export
     python scripts/train_shapes.py --work runs/shapes --resume --export ...   # after a stop
@@ -24,7 +27,9 @@ runs at 11 ms/step (run U: 14,000 steps there in 157 s, the rest on the CPU):
         --max-steps 30000 --export ...   # on from an export: its work folder is gone
     python scripts/train_shapes.py --device cuda ...   # the same recipe on a GPU
     python scripts/train_shapes.py --work runs/shapes-S --min-snr-gamma 0 --max-steps 11817 \
-        --cooldown-steps 0 --vae-steps 800 --export ...   # run S's recipe, shipped before U
+        --cooldown-steps 0 --vae-steps 800 --decoder-steps 0 --export ...   # run S's recipe
+    python scripts/train_shapes.py --work runs/dec --init-from diffumask_datasets/weights/shapes \
+        --export ...   # an export whose decoder was not tuned: that stage alone (run D-C)
 
 On a GPU each step's forward and backward are recorded once as a CUDA graph and replayed
 (--no-cuda-graph: launched one by one, 5x slower on the H200).
@@ -822,11 +827,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--decoder-steps",
         type=int,
-        default=0,
+        default=2700,
         help="steps (batch 16) of the decoder trained on with the encoder frozen, after "
         "the autoencoder (0: none); latents keep their meaning, so it may follow an export",
     )
-    p.add_argument("--decoder-lr", type=float, default=3e-4, help="falls linearly to zero")
+    p.add_argument("--decoder-lr", type=float, default=1e-3, help="falls linearly to zero")
     p.add_argument("--scenes", type=int, default=30_000)
     p.add_argument(
         "--background-weights",

@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import train_shapes  # noqa: E402
 
 TINY = [
-    "--vae-steps", "2", "--scenes", "64", "--probe-scenes", "4", "--probe-every", "1000",
-    "--batch", "4", "--entropy-start", "1", "--entropy-stop", "3", "--snapshots", "2",
-    "--cooldown-steps", "0",
+    "--vae-steps", "2", "--decoder-steps", "0", "--scenes", "64", "--probe-scenes", "4",
+    "--probe-every", "1000", "--batch", "4", "--entropy-start", "1", "--entropy-stop", "3",
+    "--snapshots", "2", "--cooldown-steps", "0",
 ]  # fmt: skip
 
 
