@@ -263,3 +263,9 @@ def test_the_decoder_stage_tunes_the_decoder_alone_and_ships_once(stages, tmp_pa
     adopted = torch.load(later / "decoder.pt", weights_only=False)
     assert adopted["seconds"] == tuned["seconds"]  # the record carried over: not run again
     assert all(torch.equal(v, tuned["model"][k]) for k, v in adopted["model"].items())
+
+
+def test_negative_decoder_steps_stop_the_script_before_it_writes(tmp_path):
+    with pytest.raises(SystemExit, match=r"--decoder-steps -1: must be 0 \(no decoder stage\)"):
+        train_shapes.main(["--work", str(tmp_path / "run"), "--decoder-steps", "-1"])
+    assert not (tmp_path / "run").exists()
