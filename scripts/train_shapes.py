@@ -498,9 +498,12 @@ def round_trip_error(vae, seed: int) -> tuple[float, torch.Tensor]:
     return F.mse_loss(vae.decode(z).sample, x).item(), z
 
 
+# The weights that turn latents into pixels: what --decoder-steps tunes.
+DECODER = ("decoder.", "post_quant_conv.")
+
+
 def decoder_parameters(vae) -> dict[str, torch.Tensor]:
-    """The weights that turn latents into pixels: what --decoder-steps tunes."""
-    return {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant"))}
+    return {k: v for k, v in vae.state_dict().items() if k.startswith(DECODER)}
 
 
 def load_tuned_decoder(work: Path, vae) -> dict | None:
@@ -525,7 +528,7 @@ def tune_decoder(work: Path, vae, args, log) -> dict | None:
         return cached
     device = next(vae.parameters()).device
     before, _ = round_trip_error(vae, args.seed)
-    tuned = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    tuned = [p for k, p in vae.named_parameters() if k.startswith(DECODER)]
     vae.requires_grad_(False)
     for p in tuned:
         p.requires_grad_(True)
