@@ -227,8 +227,7 @@ def autoencoder_round_trip(vae, images: list[np.ndarray], batch: int = 128) -> l
     out = []
     with torch.no_grad():
         for begin in range(0, len(images), batch):
-            x = np.stack(images[begin : begin + batch]).astype(np.float32) / 127.5 - 1.0
-            x = torch.from_numpy(x).permute(0, 3, 1, 2).to(vae.device, vae.dtype)
+            x = to_tensor(images[begin : begin + batch]).to(vae.device, vae.dtype)
             y = vae.decode(vae.encode(x).latent_dist.mean).sample
             y = ((y.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             out += list(y.permute(0, 2, 3, 1).cpu().numpy())
