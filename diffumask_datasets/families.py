@@ -90,6 +90,21 @@ class UNetFamily:
             "output_type": "pil",
         }
 
+    def image_call_arguments(self, prompts, images, generators, settings):
+        """The image-to-image pipeline call's keyword arguments for one batch of given
+        images (all of one size); its output stays latent (labelling needs no image)."""
+        negative = settings["negative_prompt"]
+        return {
+            "prompt": list(prompts),
+            "negative_prompt": [negative] * len(prompts) if negative else None,
+            "image": list(images),
+            "strength": settings["strength"],
+            "num_inference_steps": settings["num_inference_steps"],
+            "guidance_scale": settings["guidance_scale"],
+            "generator": list(generators),
+            "output_type": "latent",
+        }
+
     def token_positions(
         self, prompt: str, classes: Sequence[str], synonyms: Mapping[str, Sequence[str]] | None
     ) -> dict[str, list[int]]:
@@ -115,6 +130,15 @@ class SD3Family(UNetFamily):
     def call_arguments(self, prompts, latents, settings):
         return {
             **super().call_arguments(prompts, latents, settings),
+            "max_sequence_length": self.max_sequence_length,
+        }
+
+    def image_call_arguments(self, prompts, images, generators, settings):
+        height, width = settings["denoised_size"]
+        return {
+            **super().image_call_arguments(prompts, images, generators, settings),
+            "height": height,
+            "width": width,
             "max_sequence_length": self.max_sequence_length,
         }
 
@@ -210,6 +234,12 @@ class FluxFamily(SD3Family):
             "latents": latents,
             "max_sequence_length": self.max_sequence_length,
             "output_type": "pil",
+        }
+
+    def image_call_arguments(self, prompts, images, generators, settings):
+        return {
+            **super().image_call_arguments(prompts, images, generators, settings),
+            "true_cfg_scale": settings.get("true_cfg_scale", 1.0),
         }
 
     def _class_positions(self, prompt, name, synonyms):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,15 @@ def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
     if len(seeds) != count:
         raise DiffuMaskError(f"seed has {len(seeds)} values for {count} prompts; give one each")
     return seeds
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    token_indices: list[dict[str, list[int]]]  # per prompt: {class: token positions}
+    class_ids: dict[str, int]
+    options: CaptureOptions
+    params: Refinement
+    settings: dict[str, Any]  # recorded in each sample's meta
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -140,21 +150,69 @@ class DiffuMask:
             true_cfg_scale,
             map_kind,
         )
-        samples: list[Sample] = []
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        return _collect(jobs, len(prompts), progress, "generating")
 
-            bar = tqdm(total=len(prompts), desc="generating", unit="image")
-        try:
-            for batch in overlapped(jobs):
-                samples += batch
-                if bar is not None:
-                    bar.update(len(batch))
-        finally:
-            if bar is not None:
-                bar.close()
-        return samples
+    def label(
+        self,
+        images: Any,
+        classes: Any,
+        prompts: str | Sequence[str] | None = None,
+        seed: int | Sequence[int] = 0,
+        strength: float | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        resolution: int | None = None,
+        batch_size: int = 4,
+        negative_prompt: str | None = None,
+        class_ids: Mapping[str, int] | None = None,
+        synonyms: Mapping[str, Sequence[str]] | None = None,
+        refinement: Refinement | Mapping[str, Any] | str | None = None,
+        progress: bool = False,
+        map_kind: str = "cross",
+    ) -> list[Sample]:
+        """Samples for given images: each Sample's image is the given one (its own size,
+        its pixels unchanged), its masks come from the model's attention while it denoises
+        that image (noised to `strength` of the steps, the pipeline family's image-to-image
+        route) and are cut by the same refinement as generation's, against its pixels.
+
+        images: paths, PIL images or uint8 arrays (or one of them).
+        classes: names every image is labelled with (["dog", "cat"]), or one list per image.
+        prompts: one per image, or one for all; None makes "a photo of a dog and a cat"
+            from each image's classes. Each class must be named in its prompt.
+        strength: None: label.DEFAULT_STRENGTH. resolution: None denoises each image at its
+            own size (sides rounded to the latent scale); a number scales its longer side
+            to it. The masks are always at the image's own size.
+        seed: base seed (image i's noise from sample_seed(seed, i)) or one seed per image;
+            a sample never depends on its batch. See `label` (module) for the rest."""
+        from .label import DEFAULT_STRENGTH, image_list, label_batches
+
+        images = image_list(images)
+        jobs = label_batches(
+            self,
+            images,
+            classes,
+            prompts,
+            seed,
+            DEFAULT_STRENGTH if strength is None else strength,
+            num_inference_steps,
+            guidance_scale,
+            resolution,
+            batch_size,
+            negative_prompt,
+            class_ids,
+            synonyms,
+            refinement,
+            map_kind,
+        )
+        return _collect(jobs, len(images), progress, "labelling")
+
+    def image_pipeline(self):
+        """The model's image-to-image pipeline (built once, sharing the loaded components)."""
+        if getattr(self, "_image_pipe", None) is None:
+            from .label import image_pipeline
+
+            self._image_pipe = image_pipeline(self.pipe)
+        return self._image_pipe
 
     def batches(
         self,
@@ -193,6 +251,45 @@ class DiffuMask:
                     f"{name}={value} is not a multiple of {self.latent_scale}, the model's "
                     "latent scale; round it to one"
                 )
+        plan = self.plan_batches(
+            prompts, class_lists, steps, guidance_scale, class_ids, synonyms, refinement, map_kind
+        )
+        settings = {
+            "negative_prompt": negative_prompt,
+            **plan.settings,
+            "height": height,
+            "width": width,
+        }
+        if true_cfg_scale != 1.0:
+            settings["true_cfg_scale"] = float(true_cfg_scale)
+        if map_kind != "cross":
+            settings["map_kind"] = map_kind
+        self.family.check(settings)
+        for start in range(0, len(prompts), batch_size):
+            batch = slice(start, start + batch_size)
+            yield self._batch(
+                prompts[batch],
+                plan.token_indices[batch],
+                seeds[batch],
+                plan.class_ids,
+                plan.options,
+                plan.params,
+                settings,
+            )
+
+    def plan_batches(
+        self,
+        prompts: Sequence[str],
+        class_lists: Sequence[Sequence[str]],
+        steps: int,
+        guidance_scale: float,
+        class_ids: Mapping[str, int] | None,
+        synonyms: Mapping[str, Sequence[str]] | None,
+        refinement: Refinement | Mapping[str, Any] | str | None,
+        map_kind: str,
+    ) -> BatchPlan:
+        """What every batch of a run shares, checked before anything runs: the class ids,
+        each prompt's class tokens, the refinement and what capture keeps."""
         params = Refinement.from_any(refinement)
         ids = dict(class_ids) if class_ids is not None else {}
         for names in class_lists:
@@ -220,42 +317,42 @@ class DiffuMask:
             conditional_half=self.family.conditional_half(guidance_scale),
             map_kind=map_kind,
         )
-        settings = {
-            "negative_prompt": negative_prompt,
-            "num_inference_steps": steps,
-            "guidance_scale": float(guidance_scale),
-            "height": height,
-            "width": width,
-        }
-        if true_cfg_scale != 1.0:
-            settings["true_cfg_scale"] = float(true_cfg_scale)
-        if map_kind != "cross":
-            settings["map_kind"] = map_kind
-        self.family.check(settings)
-        for start in range(0, len(prompts), batch_size):
-            batch = slice(start, start + batch_size)
-            yield self._batch(
-                prompts[batch], token_indices[batch], seeds[batch], ids, options, params, settings
-            )
+        settings = {"num_inference_steps": steps, "guidance_scale": float(guidance_scale)}
+        return BatchPlan(token_indices, ids, options, params, settings)
 
     def _latents(self, seeds: Sequence[int], height: int, width: int):
         # drawn on the CPU per sample from its own seed (see families)
         return self.family.latents(seeds, height, width)
 
     def _batch(self, prompts, token_indices, seeds, class_ids, options, params, settings):
-        tokens = [sorted({p for positions in t.values() for p in positions}) for t in token_indices]
         latents = self._latents(seeds, settings["height"], settings["width"])
+
+        def run():
+            return self.pipe(**self.family.call_arguments(prompts, latents, settings)).images
+
+        return self._captured_batch(
+            run, prompts, token_indices, seeds, class_ids, options, params, settings
+        )
+
+    def _captured_batch(
+        self, run, prompts, token_indices, seeds, class_ids, options, params, settings
+    ):
+        """The device part of a batch: `run()` calls a pipeline under the capture and
+        returns the batch's images (generated ones, or the given ones for `label`); the
+        masks are cut at their size against their pixels. Returns the CPU part."""
+        tokens = [sorted({p for positions in t.values() for p in positions}) for t in token_indices]
         concepts = self.family.concepts(token_indices, tokens) if "map_kind" in settings else None
         with trace(self.pipe, tokens, options, concepts) as cap:
-            images = self.pipe(**self.family.call_arguments(prompts, latents, settings)).images
+            images = run()
         captured = cap.result()
+        height, width = images[0].height, images[0].width
         cut = cut_masks(
             [
                 {name: captured.token_maps(i, p) for name, p in positions.items()}
                 for i, positions in enumerate(token_indices)
             ],
             class_ids,
-            (settings["height"], settings["width"]),
+            (height, width),
             params,
             affinity=captured.affinity,
             affinity_size=captured.affinity_size,
@@ -264,6 +361,26 @@ class DiffuMask:
         )
         meta = {"model": self.model, **settings}
         return lambda: _samples(images, cut, prompts, seeds, token_indices, class_ids, params, meta)
+
+
+def _collect(jobs, total: int, progress: bool, desc: str) -> list[Sample]:
+    """Every batch's Samples, each batch's CPU part run while the next one's device part
+    runs (overlap.overlapped)."""
+    samples: list[Sample] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="image")
+    try:
+        for batch in overlapped(jobs):
+            samples += batch
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+    return samples
 
 
 def pixels(images) -> np.ndarray:
