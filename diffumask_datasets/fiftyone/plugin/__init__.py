@@ -335,7 +335,79 @@ class ExportView(foo.Operator):
         return types.Property(outputs)
 
 
-OPERATORS = (FilterSamples, RerefineSamples, TagBadSamples, ClassStatistics, ExportView)
+class LabelSamples(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="label_samples",
+            label="DiffuMask: label samples",
+            description="Masks for the images of the dataset or view from a diffusion model",
+            dynamic=True,
+            risk_level="medium",
+        )
+
+    def resolve_input(self, ctx):
+        from diffumask_datasets.fiftyone import model as fmodel
+
+        inputs = types.Object()
+        params = ctx.params
+        inputs.view_target(ctx, action_description="Label")
+        inputs.str(
+            "model",
+            label="model",
+            description="A built-in alias, a hub id or a local diffusers folder",
+            default=fmodel.default_model(ctx.dataset),
+        )
+        classes = inputs.list(
+            "classes", types.String(), label="classes", description="The classes to label"
+        )
+        if not params.get("classes"):
+            _invalidate(classes, "name at least one class, e.g. dog")
+        inputs.str(
+            "prompt",
+            label="prompt",
+            description="Naming every class; empty: 'a photo of a dog and a cat'",
+            default="",
+        )
+        _fraction_input(inputs, ctx, "strength", "strength", "Noise level (share of steps)", 0.3)
+        inputs.int("steps", label="denoising steps", default=50, min=1)
+        inputs.float("guidance", label="guidance scale", default=7.5)
+        field = inputs.str("field", label="new mask field", default="diffumask")
+        _invalidate(field, fmodel.check_label_field(ctx.dataset, params.get("field", "diffumask")))
+        return types.Property(inputs, view=types.View(label="Label samples with DiffuMask"))
+
+    def execute(self, ctx):
+        from diffumask_datasets.fiftyone import model as fmodel
+
+        params = ctx.params
+        model = fmodel.DiffuMaskModel(
+            params.get("model") or fmodel.default_model(ctx.dataset),
+            classes=params["classes"],
+            prompt=params.get("prompt") or None,
+            strength=params.get("strength", 0.3),
+            num_inference_steps=int(params.get("steps", 50)),
+            guidance_scale=float(params.get("guidance", 7.5)),
+        )
+        field = params.get("field") or "diffumask"
+        count = fmodel.label_samples(ctx.target_view(), model, field)
+        ctx.ops.reload_dataset()
+        return {"field": field, "count": count}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("field", label="new mask field")
+        outputs.int("count", label="samples labelled")
+        return types.Property(outputs)
+
+
+OPERATORS = (
+    FilterSamples,
+    RerefineSamples,
+    TagBadSamples,
+    ClassStatistics,
+    ExportView,
+    LabelSamples,
+)
 
 
 def register(p):
