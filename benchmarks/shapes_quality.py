@@ -472,14 +472,30 @@ def real_scenes(n: int, objects: int, seed: int) -> list:
     ]
 
 
-def label_real_scenes(dm, scenes, strength: float, refinement: dict, steps, guidance, seed, batch):
-    """The scenes labelled through DiffuMask.label with their captions; scored against
-    their exact masks: mIoU over background and the four shapes."""
+def real_scene_prompts(scenes, prompts: str) -> tuple[list[list[str]], list[str] | None]:
+    """Classes and prompts the scenes are labelled with. "captions": each scene's caption
+    and its own classes (a user who describes each image); "scene-classes": its own
+    classes, the prompt made from them ("a photo of a circle and a star"); "all-classes":
+    every image with all four shapes (a user who only knows what may appear)."""
+    own = [list(dict.fromkeys(o.shape for o in s.objects)) for s in scenes]
+    if prompts == "captions":
+        return own, [s.caption for s in scenes]
+    if prompts == "scene-classes":
+        return own, None
+    return [list(sw.SHAPES)] * len(scenes), None
+
+
+def label_real_scenes(
+    dm, scenes, strength: float, refinement: dict, steps, guidance, seed, batch, prompts
+):
+    """The scenes labelled through DiffuMask.label; scored against their exact masks:
+    mIoU over background and the four shapes."""
     start = time.time()
+    classes, texts = real_scene_prompts(scenes, prompts)
     samples = dm.label(
         [s.image for s in scenes],
-        classes=[list(dict.fromkeys(o.shape for o in s.objects)) for s in scenes],
-        prompts=[s.caption for s in scenes],
+        classes=classes,
+        prompts=texts,
         seed=seed,
         strength=strength,
         num_inference_steps=steps,
@@ -505,7 +521,8 @@ def real_scene_rows(dm, args) -> list[dict]:
     rows = []
     print(
         f"(d) rendered scenes with exact masks labelled through DiffuMask.label: "
-        f"{args.real_scenes} scenes a row, {args.steps} steps, guidance {args.guidance}"
+        f"{args.real_scenes} scenes a row, {args.steps} steps, guidance {args.guidance}, "
+        f"prompts: {args.real_prompts}"
     )
     print(
         f"{'objects':>7} {'method':<20}{'strength':>9}{'mIoU':>7}"
@@ -531,8 +548,17 @@ def real_scene_rows(dm, args) -> list[dict]:
                         args.guidance,
                         args.seed,
                         args.batch,
+                        args.real_prompts,
                     )
-                    rows.append({"objects": objects, "method": name, "strength": strength, **r})
+                    rows.append(
+                        {
+                            "objects": objects,
+                            "method": name,
+                            "strength": strength,
+                            "prompts": args.real_prompts,
+                            **r,
+                        }
+                    )
                     cells = "".join(f"{r['per_class'][n]:>11.3f}" for n in NAMES)
                     print(
                         f"{objects:>7} {name:<20}{strength:>9.2f}{r['miou']:>7.3f}{cells}"
@@ -604,6 +630,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--real-strengths", type=float, nargs="+", default=[0.3])
     parser.add_argument(
         "--real-methods", nargs="+", choices=tuple(REAL_METHODS), default=list(REAL_METHODS)
+    )
+    parser.add_argument(
+        "--real-prompts",
+        choices=("captions", "scene-classes", "all-classes"),
+        default="captions",
+        help="(d) what each scene is labelled with (see real_scene_prompts)",
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--sheet", type=Path, default=None, help="contact sheet PNG of (a)")
