@@ -9,8 +9,8 @@ lets it load normally and then, right after, registers the builder names in data
 table of packaged builders (`_PACKAGED_DATASETS_MODULES`, the table `load_dataset`
 consults before it looks anywhere else) and teaches the packaged-builder factory that
 these names bring their own definition file instead of scanning the working directory
-for data files. `diffumask_datasets.hf` runs the same registration on import, so an
-explicit `import diffumask_datasets.hf` works where the .pth file is absent (a source
+for data files. `diffumask_datasets.datasets_builder` runs the same registration on import, so an
+explicit `import diffumask_datasets.datasets_builder` works where the .pth file is absent (a source
 checkout run from its root, where this file lies next to the package).
 
 This module imports nothing outside the standard library at start-up and never raises:
@@ -28,8 +28,16 @@ NAMES = {
     "diffumask-shapes": "shapes",
     "diffumask": None,
 }
-BUILDER_MODULE = "diffumask_datasets.hf"
-_HASHED_FILES = ("hf.py", "store.py", "build.py", "prompts.py", "definitions.py")
+BUILDER_MODULE = "diffumask_datasets.datasets_builder"
+_HASHED_FILES = (
+    "datasets_builder.py",
+    "store.py",
+    "build.py",
+    "config.py",
+    "shards.py",
+    "prompts.py",
+    "definitions.py",
+)
 
 
 def _package_dir() -> str | None:
@@ -104,7 +112,7 @@ def _factory_class(base: type) -> type:
         def get_module(self):
             if self.name not in NAMES:
                 return super().get_module()
-            from diffumask_datasets.hf import dataset_module
+            from diffumask_datasets.datasets_builder import dataset_module
 
             return dataset_module(self.name, self.data_dir, self.data_files, self.download_config)
 

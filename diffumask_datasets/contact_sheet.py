@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -102,3 +104,11 @@ def contact_sheet(
     sheet.save(tmp)
     tmp.replace(path)
     return path
+
+
+def write_contact_sheet(store: Any, limit: int = 32) -> Path:
+    """A PNG grid of the store's first `limit` samples with their masks overlaid, written
+    beside the shards as contact_sheet.png; returns its path."""
+    records = list(islice(store.records(), limit))
+    path = Path(store.path) / "contact_sheet.png"
+    return contact_sheet([r.image for r in records], [r.mask for r in records], path)

@@ -562,7 +562,7 @@ class Store:
             if shard not in digests and self._footer_problem(shard) is None:
                 self.record_digest(shard, file_digest(self.shard_path(shard)))
 
-    def shard_records(self, shard: int) -> Iterator[Record]:
+    def _read_shard(self, shard: int, columns: Sequence[str] | None = None):
         import pyarrow.parquet as pq
 
         path = self.shard_path(shard)
@@ -571,8 +571,25 @@ class Store:
                 f"store {str(self.path)!r} lacks shard {shard} ({path.name}); it is incomplete: "
                 "resume its generation (diffumask generate ... --resume)"
             )
-        table = pq.read_table(path)
-        yield from _decode_rows(table, self.class_names)
+        return pq.read_table(path, columns=None if columns is None else list(columns))
+
+    def shard_records(self, shard: int) -> Iterator[Record]:
+        yield from _decode_rows(self._read_shard(shard), self.class_names)
+
+    def masks(self) -> Iterator[tuple[np.ndarray, list[str], float]]:
+        """Every sample's (mask, class names its prompt names, quality), in order; reads
+        only those columns (no image, no attention decoded)."""
+        names = self.class_names
+        for shard in range(self.num_shards):
+            table = self._read_shard(shard, ("mask", "classes", "quality"))
+            for cell, classes, quality in zip(
+                table.column("mask").to_pylist(),
+                table.column("classes").to_pylist(),
+                table.column("quality").to_pylist(),
+                strict=True,
+            ):
+                mask = np.asarray(Image.open(io.BytesIO(cell["bytes"])), dtype=np.uint8)
+                yield mask, [names[i] for i in classes], float(quality)
 
     def records(self) -> Iterator[Record]:
         """Every sample, in order."""

@@ -227,7 +227,7 @@ def attend_keeping_columns(
     return out, kept_probabilities(query[rows:, :, queries], key[rows:], columns, mask)
 
 
-class Store:
+class RunningSums:
     """Running sums shared by all processors of one capture: the kept columns' maps per
     map size and one affinity, float32, added into; nothing kept per step."""
 
@@ -326,9 +326,9 @@ class Store:
 class Capture:
     """A live capture; `result()` gives the averaged maps once the pipeline has run."""
 
-    def __init__(self, store: Store, wrapped: dict[str, int]):
-        self._store = store
+    def __init__(self, sums: RunningSums, wrapped: dict[str, int]):
+        self._sums = sums
         self.wrapped = wrapped  # processor name -> factor, the layers being captured
 
     def result(self) -> Captured:
-        return self._store.result()
+        return self._sums.result()

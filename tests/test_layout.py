@@ -1,0 +1,93 @@
+"""Where things live: the CLI package and its entry point, the `load_dataset` hook's
+builder module and hashed files, the library's filter (moved out of the CLI)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import _diffumask_datasets_hook as hook
+from diffumask_datasets.definitions import load_definition
+from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.store import Record, make_manifest, write_store
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "diffumask_datasets"
+
+
+def test_the_console_entry_point_is_the_cli_group_with_every_verb_in_order():
+    entry = re.search(r'^diffumask = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M)
+    module, attribute = entry.group(1).split(":")
+    main = getattr(importlib.import_module(module), attribute)
+    assert main.list_commands(None) == [
+        "generate",
+        "info",
+        "verify",
+        "export",
+        "filter",
+        "evaluate",
+        "clean",
+        "splice",
+        "shapes",
+        "app",
+        "plugin",
+    ]
+
+
+def test_the_hook_hashes_files_that_exist_and_names_an_importable_builder():
+    # A renamed module would otherwise be hashed as its bare name, silently: the Arrow
+    # cache would then outlive a change of the generation code.
+    missing = [name for name in hook._HASHED_FILES if not (PACKAGE / name).is_file()]
+    assert not missing, f"_HASHED_FILES names files the package lacks: {missing}"
+    builder = importlib.import_module(hook.BUILDER_MODULE)
+    assert callable(builder.dataset_module)
+    # every module that decides what a generated sample is takes part in the hash
+    for name in ("config.py", "shards.py", "build.py", "prompts.py", "store.py"):
+        assert name in hook._HASHED_FILES, name
+
+
+def _records(count: int = 6):
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        name, class_id = [("bird", 3), ("dog", 12)][index % 2]
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:4, :4] = class_id
+        yield Record(
+            index=index,
+            image=Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)),
+            mask=mask,
+            prompt=f"a photo of a {name}",
+            seed=index,
+            classes=[name],
+            quality=index / 10,
+            attention={name: rng.random((4, 4)).astype(np.float32)},
+        )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    manifest = make_manifest(load_definition("voc"), {"model": "x"}, "layout", 6, 4, 4)
+    return write_store(tmp_path_factory.mktemp("layout") / "ds", _records(), manifest)
+
+
+def test_filter_store_keeps_the_good_samples_in_a_new_store(store, tmp_path):
+    from diffumask_datasets.filtering import filter_store
+
+    kept = filter_store(store, tmp_path / "good", min_quality=0.25, classes=["dog"])
+    assert Path(kept.path).resolve() == (tmp_path / "good").resolve()
+    assert [r.index for r in kept.records()] == [3, 5]
+    assert kept.manifest["filter"] == {
+        "source": str(store.path),
+        "min_quality": 0.25,
+        "classes": ["dog"],
+    }
+    with pytest.raises(DiffuMaskError, match="is not empty"):
+        filter_store(store, tmp_path / "good", min_quality=0.0)
+    with pytest.raises(DiffuMaskError, match="'dgo'.*dog"):
+        filter_store(store, tmp_path / "typo", min_quality=0.0, classes=["dgo"])
+    assert not (tmp_path / "typo").exists()
