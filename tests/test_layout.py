@@ -3,6 +3,7 @@ builder module and hashed files, the library's filter (moved out of the CLI)."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 from pathlib import Path
@@ -91,3 +92,42 @@ def test_filter_store_keeps_the_good_samples_in_a_new_store(store, tmp_path):
     with pytest.raises(DiffuMaskError, match="'dgo'.*dog"):
         filter_store(store, tmp_path / "typo", min_quality=0.0, classes=["dgo"])
     assert not (tmp_path / "typo").exists()
+
+
+def _imports(path: Path, module: str, modules: set[str]) -> set[str]:
+    """The package modules `module` imports anywhere in its file (late imports too)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {name for name in found if name in modules and name != module}
+
+
+def test_no_import_cycle_in_the_package():
+    files = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {m: _imports(p, m, set(files)) for m, p in files.items()}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            module, path = stack.pop()
+            for target in graph[module]:
+                if target == start:
+                    return [*path, start]
+                if target not in path and target > start:  # each cycle once, from its least
+                    stack.append((target, [*path, target]))
+        return None
+
+    cycles = [c for m in sorted(graph) if (c := cycle_from(m))]
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
