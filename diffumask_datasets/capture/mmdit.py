@@ -40,7 +40,14 @@ from diffusers.models.transformers.transformer_flux import (
 )
 
 from ..errors import DiffuMaskError
-from .sums import Capture, CaptureOptions, RunningSums, attend_keeping_columns, mean_attention
+from .sums import (
+    Capture,
+    CaptureOptions,
+    RunningSums,
+    attend_keeping_columns,
+    mean_attention,
+    to_heads,
+)
 
 SUPPORTED = (SD3Transformer2DModel, FluxTransformer2DModel)
 # The stock processors CaptureProcessor reproduces exactly; anything else (fused
@@ -209,29 +216,24 @@ class JointCaptureProcessor:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, *a, **kw)
         residual = hidden_states
         batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        context_query = attn.add_q_proj(encoder_hidden_states)
-        context_key = attn.add_k_proj(encoder_hidden_states)
-        context_value = attn.add_v_proj(encoder_hidden_states)
-        context_query = context_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        context_key = context_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        context_value = context_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_added_q is not None:
-            context_query = attn.norm_added_q(context_query)
-        if attn.norm_added_k is not None:
-            context_key = attn.norm_added_k(context_key)
+        image, text = hidden_states, encoder_hidden_states
+        query, key, value = to_heads(
+            attn.to_q(image),
+            attn.to_k(image),
+            attn.to_v(image),
+            attn.heads,
+            attn.norm_q,
+            attn.norm_k,
+        )
+        head_dim = key.shape[-1]
+        context_query, context_key, context_value = to_heads(
+            attn.add_q_proj(text),
+            attn.add_k_proj(text),
+            attn.add_v_proj(text),
+            attn.heads,
+            attn.norm_added_q,
+            attn.norm_added_k,
+        )
         query = torch.cat([query, context_query], dim=2)
         key = torch.cat([key, context_key], dim=2)
         value = torch.cat([value, context_value], dim=2)

@@ -25,6 +25,7 @@ from .sums import (
     attend_keeping_columns,
     attention_with_lse,
     mean_attention,
+    to_heads,
 )
 
 # Processors whose computation CaptureProcessor reproduces exactly. Anything else
@@ -140,17 +141,10 @@ class CaptureProcessor:
             context = hidden_states
         elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
-
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = to_heads(
+            query, attn.to_k(context), attn.to_v(context), attn.heads, attn.norm_q, attn.norm_k
+        )
+        head_dim = key.shape[-1]
 
         if self.sums.active:
             out = self.sums.attend(query, key, value, attention_mask, self.cross)
