@@ -131,3 +131,30 @@ def test_no_import_cycle_in_the_package():
 
     cycles = [c for m in sorted(graph) if (c := cycle_from(m))]
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_generate_help_shows_the_setting_each_option_sets():
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from diffumask_datasets.cli import main
+    from diffumask_datasets.cli.generate import SETTING_NAMES, generation_config
+    from diffumask_datasets.config import GenerationConfig
+
+    assert SETTING_NAMES == {
+        "per_class": "images_per_class",
+        "steps": "num_inference_steps",
+        "size": "resolution",
+    }
+    assert set(SETTING_NAMES.values()) <= {f.name for f in dataclasses.fields(GenerationConfig)}
+    text = CliRunner().invoke(main, ["generate", "--help"], terminal_width=200).output
+    for option, setting in SETTING_NAMES.items():
+        assert f"--{option.replace('_', '-')}" in text and f"-> {setting}" in text
+        assert f"[setting: {setting}]" in text
+    # the options reach the settings the help names
+    config = generation_config(
+        load_definition("voc"), classes=["dog"], per_class=3, steps=5, size=72, seed=None
+    )
+    assert (config.images_per_class, config.num_inference_steps, config.resolution) == (3, 5, 72)
+    assert config.classes == ["dog"] and config.seed == 0

@@ -20,7 +20,21 @@ from .common import (
     show_warning,
 )
 
-GENERATE_EPILOG = f"""\b
+# Options that set a generation setting of another name: GenerationConfig, load_dataset
+# and the manifest's config use the setting's name. The other options keep theirs.
+SETTING_NAMES = {
+    "per_class": "images_per_class",
+    "steps": "num_inference_steps",
+    "size": "resolution",
+}
+
+
+def _setting(option: str) -> str:
+    return f"[setting: {SETTING_NAMES[option]}]"
+
+
+GENERATE_EPILOG = (
+    f"""\b
 Examples:
   {PROG} generate voc --model builtin:tiny-random --classes bird,dog \\
       --per-class 2 --steps 3 --size 64 --seed 0 --out out/tiny
@@ -34,7 +48,17 @@ Examples:
 Options left out take the definition's defaults. With the same options and seed,
 the same samples come out, whatever the batch size, the number of workers (each
 runs on OMP_NUM_THREADS CPU threads, 1 when unset) and however often it is resumed.
+
+\b
+Options and the settings they set (GenerationConfig, load_dataset, the manifest):
 """
+    + "".join(
+        f"  --{option.replace('_', '-'):<10} -> {name}\n" for option, name in SETTING_NAMES.items()
+    )
+    + """  (DiffuMask(...)(...) itself takes height= and width= for --size; the other
+  options keep their names: --seed -> seed, --batch-size -> batch_size, ...)
+"""
+)
 
 
 def _check_gpus(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -57,10 +81,20 @@ def _check_gpus(ctx: click.Context, param: click.Parameter, value: float | None)
     metavar="A,B,...",
     help="Comma-separated class names of the definition. Default: all.",
 )
-@click.option("--per-class", type=int, callback=at_least_one(100), help="Images per class.")
-@click.option("--steps", type=int, callback=at_least_one(50), help="Denoising steps.")
 @click.option(
-    "--size", type=int, callback=check_size, help="Image width and height in pixels (x8)."
+    "--per-class",
+    type=int,
+    callback=at_least_one(100),
+    help=f"Images per class. {_setting('per_class')}",
+)
+@click.option(
+    "--steps", type=int, callback=at_least_one(50), help=f"Denoising steps. {_setting('steps')}"
+)
+@click.option(
+    "--size",
+    type=int,
+    callback=check_size,
+    help=f"Image width and height in pixels (x8). {_setting('size')}",
 )
 @click.option("--seed", type=int, help="Base seed; sample i gets a seed derived from it and i.")
 @click.option("--batch-size", type=int, callback=at_least_one(4), help="Images per forward pass.")
@@ -99,20 +133,12 @@ def _check_gpus(ctx: click.Context, param: click.Parameter, value: float | None)
 )
 def generate(
     dataset: str,
-    model: str | None,
-    classes: list[str] | None,
-    per_class: int | None,
-    steps: int | None,
-    size: int | None,
-    seed: int | None,
-    batch_size: int | None,
-    device: str | None,
-    dtype: str | None,
     out: Path,
     resume: bool,
     workers: int | None,
     ray_address: str | None,
     gpus_per_worker: float | None,
+    **options: Any,
 ) -> None:
     """Generate DATASET (a built-in definition name or a definition .yaml file) into --out."""
     from ..definitions import load_definition
@@ -129,20 +155,9 @@ def generate(
         require_ray()
     check_output_dir(out, resume)
     definition = load_definition(dataset)
-    if classes is not None:
-        definition.select(classes)  # unknown names fail here, with close matches
-    config = generation_config(
-        definition,
-        model=model,
-        classes=classes,
-        per_class=per_class,
-        steps=steps,
-        size=size,
-        seed=seed,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-    )
+    if options["classes"] is not None:
+        definition.select(options["classes"])  # unknown names fail here, with close matches
+    config = generation_config(definition, **options)
     from ..build import build_dataset, complete_store
 
     complete = complete_store(out, config.fingerprint(definition)) if resume else None
@@ -198,21 +213,9 @@ def generate(
 
 
 def generation_config(definition: Any, **options: Any) -> Any:
-    """A config.GenerationConfig from the command's options; None means the default."""
+    """A config.GenerationConfig from the command's options (renamed by SETTING_NAMES)
+    over the definition's defaults; None means the default."""
     from ..config import GenerationConfig
 
-    names = {
-        "model": "model",
-        "classes": "classes",
-        "per_class": "images_per_class",
-        "steps": "num_inference_steps",
-        "size": "resolution",
-        "seed": "seed",
-        "batch_size": "batch_size",
-        "device": "device",
-        "dtype": "dtype",
-    }
-    given = {names[key]: value for key, value in options.items() if value is not None}
-    if hasattr(GenerationConfig, "from_definition"):
-        return GenerationConfig.from_definition(definition, **given)
-    return GenerationConfig(**given)
+    given = {SETTING_NAMES.get(k, k): v for k, v in options.items() if v is not None}
+    return GenerationConfig.from_definition(definition, **given)
