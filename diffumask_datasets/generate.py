@@ -187,17 +187,20 @@ class DiffuMask:
         from .label import DEFAULT_STRENGTH, image_list, label_batches
 
         images = image_list(images)
+        steps = _check_positive_int("num_inference_steps", num_inference_steps)
+        if resolution is not None:
+            resolution = _check_positive_int("resolution", resolution)
         jobs = label_batches(
             self,
             images,
             classes,
             prompts,
-            seed,
+            _seeds(seed, len(images)),
             DEFAULT_STRENGTH if strength is None else strength,
-            num_inference_steps,
+            steps,
             guidance_scale,
             resolution,
-            batch_size,
+            _check_positive_int("batch_size", batch_size),
             negative_prompt,
             class_ids,
             synonyms,

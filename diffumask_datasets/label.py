@@ -168,15 +168,15 @@ def _runs(sizes: Sequence[tuple[int, int]], batch_size: int) -> Iterator[slice]:
 
 def label_batches(
     dm,
-    images: Any,
+    images: list,
     classes: Any,
-    prompts: Any = None,
-    seed: int | Sequence[int] = 0,
-    strength: float = DEFAULT_STRENGTH,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
-    resolution: int | None = None,
-    batch_size: int = 4,
+    prompts: Any,
+    seeds: list[int],
+    strength: float,
+    steps: int,
+    guidance_scale: float,
+    resolution: int | None,
+    batch_size: int,
     negative_prompt: str | None = None,
     class_ids: Mapping[str, int] | None = None,
     synonyms: Mapping[str, Sequence[str]] | None = None,
@@ -184,23 +184,15 @@ def label_batches(
     map_kind: str = "cross",
 ) -> Iterator[Callable[[], list[Sample]]]:
     """What `DiffuMask.label` makes, batch by batch (as `DiffuMask.batches` does for
-    generation). Everything, every image read included, is checked before the first
-    batch runs."""
+    generation), from its checked numbers (seeds, steps, batch size). Everything else,
+    every image read included, is checked before the first batch runs."""
     import torch
 
-    from .generate import _check_positive_int, _seeds
-
-    images = image_list(images)
     if not images:
         raise DiffuMaskError("no images given")
     class_lists = _class_lists(classes, len(images))
     prompt_list = _prompt_list(prompts, class_lists)
-    steps = _check_positive_int("num_inference_steps", num_inference_steps)
     strength = _check_strength(strength, steps)
-    if resolution is not None:
-        resolution = _check_positive_int("resolution", resolution)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    seeds = _seeds(seed, len(images))
     loaded = [read_image(image, f"image {i}") for i, image in enumerate(images)]
     plan = dm.plan_batches(
         prompt_list, class_lists, steps, guidance_scale, class_ids, synonyms, refinement, map_kind

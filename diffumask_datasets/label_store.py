@@ -149,6 +149,21 @@ def _longest_side(images: list[Path]) -> int:
     return longest
 
 
+def _check_before_writing(engine, config: LabelConfig, definition: Definition) -> None:
+    """What would fail the first shard fails before the store is made: the prompt must
+    name every class, the strength must run a step, the refinement must parse."""
+    from diffumask_datasets.label import DEFAULT_STRENGTH, _check_strength, label_prompt
+    from diffumask_datasets.refine import Refinement
+
+    classes = list(config.classes)
+    prompt = config.prompt if config.prompt is not None else label_prompt(classes)
+    synonyms = {c.name: list(c.words) for c in definition.classes}
+    engine.family.token_positions(prompt, classes, synonyms)
+    strength = DEFAULT_STRENGTH if config.strength is None else config.strength
+    _check_strength(strength, config.num_inference_steps)
+    Refinement.from_any(config.refinement)
+
+
 def label_dataset(
     source: str | Path,
     out_dir: str | Path,
@@ -169,6 +184,9 @@ def label_dataset(
     longest = _longest_side(images)
     if config.attention_size is None:  # the largest map capture keeps, at most 64
         config = dataclasses.replace(config, attention_size=max(8, min(64, longest // 8)))
+    if engine is None:
+        engine = DiffuMask(config.model, device=config.device, dtype=config.dtype)
+    _check_before_writing(engine, config, definition)
     record = {**config.to_dict(), "source": str(source), "route": "image-to-image"}
     manifest = make_manifest(
         definition,
@@ -195,8 +213,6 @@ def label_dataset(
             with store.claim(shard, blocking=True) as held:
                 if not held or store.has_shard(shard):
                     continue
-                if engine is None:
-                    engine = DiffuMask(config.model, device=config.device, dtype=config.dtype)
                 indices = list(store.shard_range(shard))
                 samples = engine.label(
                     [images[i] for i in indices],

@@ -47,18 +47,23 @@ def test_a_voc_folder_is_labelled_into_a_store(labelled, voc):
         assert record.meta["route"] == "image-to-image"
 
 
-def test_resume_keeps_the_store_and_other_settings_are_refused(labelled, voc):
-    class NoEngine:
-        def label(self, *args, **kwargs):
-            raise AssertionError("a complete store labels nothing again")
+def test_resume_keeps_the_store_and_other_settings_are_refused(labelled, voc, monkeypatch):
+    from diffumask_datasets import DiffuMask
+
+    engine = DiffuMask("builtin:shapes")
+
+    def no_labelling(*args, **kwargs):
+        raise AssertionError("a complete store labels nothing again")
+
+    monkeypatch.setattr(engine, "label", no_labelling)
 
     config = LabelConfig(model="builtin:shapes", classes=SHAPES, definition="shapes", **FAST)
-    label_dataset(voc, labelled, config, resume=True, progress=False, engine=NoEngine())
+    label_dataset(voc, labelled, config, resume=True, progress=False, engine=engine)
     other = LabelConfig(
         model="builtin:shapes", classes=SHAPES, definition="shapes", **{**FAST, "strength": 0.5}
     )
     with pytest.raises(DiffuMaskError, match="different settings"):
-        label_dataset(voc, labelled, other, resume=True, progress=False, engine=NoEngine())
+        label_dataset(voc, labelled, other, resume=True, progress=False, engine=engine)
 
 
 def test_labelled_masks_scored_against_the_voc_labels(labelled, voc):
@@ -137,3 +142,56 @@ def test_inputs_folder_coco_and_bad_ones(tmp_path):
     with pytest.raises(DiffuMaskError, match=r"'.*broken.png' cannot be read as an image"):
         label_dataset(folder, tmp_path / "out", LabelConfig(classes=["dog"]), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def invoke(*args: str):
+    from click.testing import CliRunner
+
+    from diffumask_datasets.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_label_and_score_from_the_command_line(voc, tmp_path):
+    out = tmp_path / "labelled"
+    flags = ["--classes", "circle,square", "--model", "builtin:shapes", "--steps", "10"]
+    result = invoke("label", voc, *flags, "--guidance", "4", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "labelled 6 images" in result.output
+    again = invoke("label", voc, *flags, "--guidance", "4", "--out", out)
+    assert again.exit_code == 1 and "--resume" in again.output  # nothing overwritten
+    assert invoke("label", voc, *flags, "--guidance", "4", "--out", out, "--resume").exit_code == 0
+    assert open_store(out).class_names == {0: "background", 1: "circle", 2: "square"}
+    exported = invoke("export", out, "--format", "voc", "--to", tmp_path / "voc-out")
+    assert exported.exit_code == 0, exported.output
+    scored = invoke("score", out, "--labels", voc, "--json")
+    assert scored.exit_code == 0, scored.output
+    data = json.loads(scored.output)
+    assert data["images"] == 6 and set(data["per_class"]) == {"background", "circle", "square"}
+    table = invoke("score", out, "--labels", voc)
+    assert "mIoU" in table.output and "object(s)" in table.output
+
+
+def test_command_line_bad_input_is_one_line(voc, tmp_path):
+    (tmp_path / "novoc" / "JPEGImages").mkdir(parents=True)
+    result = invoke("score", tmp_path / "store-missing", "--labels", voc)
+    assert result.exit_code != 0
+    bad = invoke(
+        "label",
+        voc,
+        "--classes",
+        "dog",
+        "--model",
+        "builtin:tiny-random",
+        "--prompt",
+        "a photo of a cat",
+        "--out",
+        tmp_path / "o",
+    )
+    assert bad.exit_code == 1 and "'dog'" in bad.output and "a photo of a cat" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    strength = invoke(
+        "label", voc, "--classes", "dog", "--model", "x", "--strength", "2", "--out", tmp_path / "p"
+    )
+    assert strength.exit_code == 2 and "outside (0, 1]" in strength.output

@@ -27,11 +27,13 @@ def test_the_console_entry_point_is_the_cli_group_with_every_verb_in_order():
     main = getattr(importlib.import_module(module), attribute)
     assert main.list_commands(None) == [
         "generate",
+        "label",
         "info",
         "verify",
         "export",
         "filter",
         "evaluate",
+        "score",
         "clean",
         "splice",
         "shapes",
