@@ -13,7 +13,7 @@ foo = pytest.importorskip("fiftyone.operators")
 
 from click.testing import CliRunner  # noqa: E402
 
-from diffumask_datasets.fiftyone.commands import plugin as plugin_command  # noqa: E402
+from diffumask_datasets.cli.fiftyone import plugin as plugin_command  # noqa: E402
 from diffumask_datasets.fiftyone.model import (  # noqa: E402
     DiffuMaskModel,
     check_label_field,

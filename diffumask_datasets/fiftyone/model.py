@@ -88,7 +88,9 @@ class DiffuMaskModel(fom.Model):
 
     @property
     def ragged_batches(self) -> bool:
-        return True  # images of any size, labelled at their own size
+        # No transforms: a batch reaches predict_all as a list of arrays, never stacked,
+        # so images of different sizes batch fine (each labelled at its own size).
+        return False
 
     @property
     def transforms(self):
