@@ -87,7 +87,7 @@ def run_page(page: Path, folder: Path) -> None:
 
     namespace: dict = {"__name__": f"docs:{page.name}"}
     for block in code_blocks(page.read_text(encoding="utf-8")):
-        where = f"{page.relative_to(ROOT)}:{block.line}"
+        where = f"{page.relative_to(ROOT) if page.is_relative_to(ROOT) else page}:{block.line}"
         if block.skip is not None:
             assert block.skip, f"{where}: say why the block is skipped: <!-- skip: why -->"
             continue
