@@ -50,6 +50,9 @@ def _mask_field_input(inputs: types.Object, dataset, label: str) -> types.Proper
 
 
 class FilterSamples(foo.Operator):
+    """Operator `filter_samples`: a view by quality range, classes named, mask area and
+    per-class area, on `ground_truth` or a re-refined field."""
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -126,6 +129,9 @@ class FilterSamples(foo.Operator):
 
 
 class RerefineSamples(foo.Operator):
+    """Operator `rerefine_samples`: masks of the chosen samples recomputed from their stored
+    attention with another threshold, band and minimum area, into a new field."""
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -190,6 +196,9 @@ def _default_field(threshold: Any) -> str:
 
 
 class TagBadSamples(foo.Operator):
+    """Operator `tag_bad_samples`: tag (or untag) the selected samples, or those below a
+    quality, and hide them."""
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -240,6 +249,9 @@ class TagBadSamples(foo.Operator):
 
 
 class ClassStatistics(foo.Operator):
+    """Operator `class_statistics`: per class, samples naming it, samples with pixels, areas
+    and mean quality."""
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -282,6 +294,9 @@ class ClassStatistics(foo.Operator):
 
 
 class ExportView(foo.Operator):
+    """Operator `export_view`: the current view exported to VOC or COCO with the package's
+    exporters."""
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -339,5 +354,6 @@ OPERATORS = (FilterSamples, RerefineSamples, TagBadSamples, ClassStatistics, Exp
 
 
 def register(p):
+    """Register the DiffuMask operators with FiftyOne (called when the plugin loads)."""
     for operator in OPERATORS:
         p.register(operator)
