@@ -22,6 +22,7 @@ import ast
 import os
 import re
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,11 @@ def run_page(page: Path, folder: Path) -> None:
 def test_the_code_blocks_of_the_page_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FIFTYONE_PLUGINS_DIR", str(tmp_path / "fiftyone-plugins"))
+    monkeypatch.setenv("FIFTYONE_DEFAULT_DATASET_DIR", str(tmp_path / "fiftyone"))
+    # load_dataset's cache: read from the environment when datasets is first imported
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    if "datasets" in sys.modules:
+        monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", tmp_path / "hf-cache")
     run_page(page, tmp_path)
 
 
