@@ -51,6 +51,7 @@ def trainer_options(command):
 
 
 def train_settings(segmenter, train_steps, batch_size, size, seed, device, splice, **_: Any) -> Any:
+    """The TrainSettings of the segmenter options shared by evaluate and clean."""
     from ..quality import TrainSettings
 
     return TrainSettings(
