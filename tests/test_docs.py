@@ -179,3 +179,13 @@ def test_every_public_function_and_class_has_a_docstring():
                 if not ast.get_docstring(node):
                     missing.append(f"{name}.{node.name}")
     assert not missing, f"public functions and classes without a docstring: {missing}"
+
+
+def test_the_datasets_bound_quoted_in_the_docs_is_the_tested_one():
+    import _diffumask_datasets_hook as hook
+
+    for page in (ROOT / "README.md", ROOT / "docs" / "guide" / "huggingface.md"):
+        quoted = set(re.findall(r'"(datasets[<>=!~][^"]*)"', page.read_text(encoding="utf-8")))
+        assert quoted == {hook.TESTED_DATASETS}, (
+            f"{page.name} quotes {quoted}; pyproject and the hook say {hook.TESTED_DATASETS}"
+        )
