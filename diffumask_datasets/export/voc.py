@@ -25,14 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .common import (
-    ExportSummary,
-    RecordLike,
-    assign_splits,
-    export_run,
-    sample_name,
-    split_names,
-)
+from .common import ExportSummary, RecordLike, assign_splits, export_run, sample_name, split_names
 
 VOC_SUBDIR = Path("VOCdevkit") / "VOC2012"
 JPEG_QUALITY = 95
