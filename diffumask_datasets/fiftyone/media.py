@@ -45,6 +45,7 @@ from PIL import Image
 
 from ..errors import DiffuMaskError
 from ..sample import IGNORE
+from ..store import StoredRecord
 
 INDEX_NAME = "diffumask.json"
 MARKER_NAME = ".diffumask-media"  # written first: this folder is ours to fill
@@ -212,26 +213,10 @@ def read_media(root: str | os.PathLike) -> MediaIndex:
 # -- sources ------------------------------------------------------------------------
 
 
-@dataclass
-class SourceRecord:
-    """What the media writer needs of one sample, whatever its source.
-
-    `image_png`/`mask_png`: the sample's PNG files as stored, when the source has them;
-    they are written as they are (no decoding and re-encoding), and `image` may then be
-    None.
-    """
-
-    index: int
-    image: Image.Image | None
-    mask: np.ndarray
-    prompt: str
-    seed: int
-    classes: list[str]
-    quality: float
-    attention: dict[str, np.ndarray]
-    meta: dict[str, Any]
-    image_png: bytes | None = None
-    mask_png: bytes | None = None
+# What the media writer needs of one sample, whatever its source: a Record, with the
+# sample's PNG files as stored when the source has them (written as they are, no decoding
+# and re-encoding; `image` may then be None).
+SourceRecord = StoredRecord
 
 
 @dataclass
