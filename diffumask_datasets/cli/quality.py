@@ -50,18 +50,17 @@ def trainer_options(command):
     return command
 
 
-def train_settings(segmenter, train_steps, batch_size, size, seed, device, splice, **_: Any) -> Any:
+# The options trainer_options adds, and the TrainSettings field each sets where the
+# names differ.
+TRAINER_OPTIONS = ("segmenter", "train_steps", "batch_size", "size", "seed", "device", "splice")
+TRAIN_SETTING_NAMES = {"train_steps": "steps"}
+
+
+def train_settings(**options: Any) -> Any:
+    """The quality.TrainSettings of the trainer options (other options are left out)."""
     from ..quality import TrainSettings
 
-    return TrainSettings(
-        steps=train_steps,
-        batch_size=batch_size,
-        size=size,
-        seed=seed,
-        device=device,
-        splice=splice,
-        segmenter=segmenter,
-    )
+    return TrainSettings(**{TRAIN_SETTING_NAMES.get(k, k): options[k] for k in TRAINER_OPTIONS})
 
 
 EVALUATE_EPILOG = f"""\b
