@@ -340,21 +340,19 @@ class ExportView(_Operator):
         return types.Property(outputs)
 
 
-class LabelSamples(foo.Operator):
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="label_samples",
-            label="DiffuMask: label samples",
-            description="Masks for the images of the dataset or view from a diffusion model",
-            dynamic=True,
-            risk_level="medium",
-        )
+class LabelSamples(_Operator):
+    NAME = "label_samples"
+    LABEL = "label samples"
+    DESCRIPTION = "Masks for the images of the dataset or view from a diffusion model"
+    RISK = "medium"
 
     def resolve_input(self, ctx):
+        # any image dataset, not only DiffuMask ones: no notice
+        return self.form(ctx, types.Object())
+
+    def form(self, ctx, inputs):
         from diffumask_datasets.fiftyone import model as fmodel
 
-        inputs = types.Object()
         params = ctx.params
         inputs.view_target(ctx, action_description="Label")
         inputs.str(
