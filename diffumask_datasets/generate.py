@@ -64,6 +64,9 @@ def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
 
 @dataclass(frozen=True)
 class BatchPlan:
+    """What every batch of a run shares (DiffuMask.plan_batches), checked before any
+    batch runs."""
+
     token_indices: list[dict[str, list[int]]]  # per prompt: {class: token positions}
     class_ids: dict[str, int]
     options: CaptureOptions

@@ -29,6 +29,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 @dataclass
 class LabelConfig:
+    """The settings of a labelled store; all but batch_size and device are in its
+    fingerprint (with the images' paths and sizes), so a resume with others is refused."""
+
     model: str = "builtin:tiny-random"
     classes: list[str] | None = None  # class names every image is labelled with
     definition: str | None = None  # a definition whose ids the classes take (None: 1..N)

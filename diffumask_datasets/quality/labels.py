@@ -30,6 +30,9 @@ from .metrics import IGNORE, confusion, iou_per_class, mean_iou
 
 @dataclass
 class MaskScore:
+    """A store's masks against ground truth: IoU per class, mIoU, the confusion matrix
+    and the same by the number of classes an image shows (`describe`, `to_dict`)."""
+
     store: str
     labels: str
     class_names: dict[int, str]  # ids of the scores (0 background)

@@ -341,6 +341,9 @@ class ExportView(_Operator):
 
 
 class LabelSamples(_Operator):
+    """Label the images of any dataset or view with a diffusion model's masks into a
+    new Segmentation field (fiftyone.model.label_samples), its mask targets set."""
+
     NAME = "label_samples"
     LABEL = "label samples"
     DESCRIPTION = "Masks for the images of the dataset or view from a diffusion model"
