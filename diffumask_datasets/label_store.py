@@ -55,7 +55,7 @@ class LabelConfig:
 def image_inputs(source: str | Path) -> list[Path]:
     """The images of SOURCE: a folder's image files (a VOC folder's JPEGImages/) in name
     order, or a COCO json's `images` in its order (file names relative to the json's
-    folder, or to its images/ subfolder)."""
+    folder, or to the split's image folder of the COCO layout)."""
     from diffumask_datasets.quality.data import find_voc_root
 
     path = Path(source).expanduser()
@@ -90,14 +90,19 @@ def _coco_images(path: Path) -> list[Path]:
         ) from None
     if not entries:
         raise DiffuMaskError(f"COCO file {str(path)!r} lists no images")
+    # file names are relative to an image folder: next to the json, or (COCO's and our
+    # export's layout, annotations/instances_val.json) beside the annotations folder,
+    # in a folder named after the split ("val2017", "images/val")
+    split = path.stem.rsplit("_", 1)[-1]
+    roots = [path.parent, path.parent / "images", path.parent.parent, path.parent.parent / "images"]
+    folders = [folder for root in roots for folder in (root, root / split)]
     found = []
     for name in entries:
-        candidates = [path.parent / name, path.parent / "images" / name]
-        hit = next((c for c in candidates if c.is_file()), None)
+        hit = next((f / name for f in folders if (f / name).is_file()), None)
         if hit is None:
             raise DiffuMaskError(
-                f"COCO file {str(path)!r} lists {name!r}, found neither next to it nor in "
-                "images/; put the images there"
+                f"COCO file {str(path)!r} lists {name!r}, found in none of its image folders "
+                f"({', '.join(str(f) for f in folders[:4])}, ...); put the images there"
             )
         found.append(hit)
     return found

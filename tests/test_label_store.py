@@ -132,7 +132,7 @@ def test_inputs_folder_coco_and_bad_ones(tmp_path):
     coco.write_text(json.dumps({"images": [{"file_name": "photos/b.png"}]}))
     assert image_inputs(coco) == [tmp_path / "photos" / "b.png"]
     coco.write_text(json.dumps({"images": [{"file_name": "gone.png"}]}))
-    with pytest.raises(DiffuMaskError, match="lists 'gone.png'"):
+    with pytest.raises(DiffuMaskError, match="lists 'gone.png', found in none"):
         image_inputs(coco)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -164,6 +164,10 @@ def test_label_and_score_from_the_command_line(voc, tmp_path):
     assert open_store(out).class_names == {0: "background", 1: "circle", 2: "square"}
     exported = invoke("export", out, "--format", "voc", "--to", tmp_path / "voc-out")
     assert exported.exit_code == 0, exported.output
+    coco = invoke("export", out, "--format", "coco", "--to", tmp_path / "coco-out")
+    assert coco.exit_code == 0, coco.output
+    listed = [image_inputs(j) for j in sorted((tmp_path / "coco-out").rglob("instances_*.json"))]
+    assert sum(len(found) for found in listed) == 6  # the COCO layout's images are found
     scored = invoke("score", out, "--labels", voc, "--json")
     assert scored.exit_code == 0, scored.output
     data = json.loads(scored.output)
