@@ -25,8 +25,9 @@ from PIL import Image
 from .errors import DiffuMaskError, one_line
 from .sample import Sample
 
-# The noise level images are labelled at by default: the shapes benchmark's real-image
-# rows measured it best among 0.3 ... 0.8 (BENCHMARKS.md, shapes-quality).
+# The noise level images are labelled at by default, as a share of the steps: on the shapes
+# benchmark's rendered scenes 0.15 and 0.3 scored alike and 0.5 lower (BENCHMARKS.md,
+# shapes-quality (d)); 0.3 keeps more steps of a short schedule.
 DEFAULT_STRENGTH = 0.3
 ROUTE = "image-to-image"
 

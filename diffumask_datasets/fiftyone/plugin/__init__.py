@@ -375,7 +375,10 @@ class LabelSamples(_Operator):
             description="Naming every class; empty: 'a photo of a dog and a cat'",
             default="",
         )
-        _fraction_input(inputs, ctx, "strength", "strength", "Noise level (share of steps)", 0.3)
+        from diffumask_datasets.label import DEFAULT_STRENGTH
+
+        about = "Noise level (share of steps)"
+        _fraction_input(inputs, ctx, "strength", "strength", about, DEFAULT_STRENGTH)
         inputs.int("steps", label="denoising steps", default=50, min=1)
         inputs.float("guidance", label="guidance scale", default=7.5)
         field = inputs.str("field", label="new mask field", default="diffumask")
@@ -390,7 +393,7 @@ class LabelSamples(_Operator):
             params.get("model") or fmodel.default_model(ctx.dataset),
             classes=params["classes"],
             prompt=params.get("prompt") or None,
-            strength=params.get("strength", 0.3),
+            strength=params.get("strength"),  # None: the default
             num_inference_steps=int(params.get("steps", 50)),
             guidance_scale=float(params.get("guidance", 7.5)),
         )
