@@ -1,4 +1,4 @@
-"""What masks cost beside the plain pipeline, on a GPU: the issue-9 configurations.
+"""What masks cost beside the plain pipeline, on a GPU: SD-1.5 at 512 px, SDXL at 1024 px.
 
 For each configuration (real architectures with random weights, float16 on CUDA):
 plain pipeline vs DiffuMask per refinement method, given the same latents (runs
@@ -8,7 +8,7 @@ images per second of `build_dataset` (what `diffumask generate` runs: generation
 refinement, PNG encoding, shard writes, overlapped) against a plain loop that runs the
 pipeline and saves PNGs, same model, batch, steps and images. JSON out.
 
-    # on an H100/H200 (BENCHMARKS.md has the set-up):
+    # on an H100/H200 (BENCHMARKS.md has the set-up; the lab log, docs/lab/, its history):
     python benchmarks/gpu_overhead.py --device cuda --json gpu_overhead.json
     # on the CPU, tiny models (a smoke test of this script; seconds):
     python benchmarks/gpu_overhead.py --device cpu --configs tiny-b2,tiny-xl-b2 \

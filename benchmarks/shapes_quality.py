@@ -64,7 +64,7 @@ METHODS: dict[str, dict] = {
     "threshold-0.6": {"method": "threshold", "threshold": 0.6, "band": 0.0},
     "adaptive": {"method": "adaptive", "band": 0.0, "affinity_factor": 1},
     "affinity": {"method": "affinity", "band": 0.0, "affinity_factor": 1},
-    # the same without the colour step (the engine's default before session 8): its worth
+    # the same without the colour step (the masks before the step existed): its worth
     "affinity-no-colour": {
         "method": "affinity",
         "band": 0.0,

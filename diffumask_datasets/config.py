@@ -42,6 +42,11 @@ DTYPES = (None, "float32", "float16", "bfloat16")
 
 @dataclass
 class GenerationConfig:
+    """The settings of one dataset's generation, by their Python names (the CLI's
+    `--per-class`, `--steps`, `--size` set `images_per_class`, `num_inference_steps`,
+    `resolution`). None means "the definition's default"; `from_definition` and `resolve`
+    fill them in and check them."""
+
     model: str | None = None  # hub id, local folder or builtin:<alias>
     classes: list[str] | None = None  # class names of the definition; None: all
     images_per_class: int | None = None

@@ -90,6 +90,10 @@ _PLACEHOLDERS = ("class", "sub_class", "other")
 
 @dataclass(frozen=True)
 class ClassDef:
+    """One class of a definition: its mask id, its label, the words that name it in a
+    prompt (`prompt`, `synonyms`), its sub-classes and templates for prompt diversity, a
+    display colour, and an optional area prior that `diffumask clean` applies."""
+
     id: int
     name: str
     prompt: str
@@ -108,6 +112,9 @@ class ClassDef:
 
 @dataclass(frozen=True)
 class Definition:
+    """A dataset definition, as read from its YAML file: the classes, the prompt templates,
+    the negative prompt and the generation defaults. Build one with `load_definition`."""
+
     name: str
     classes: tuple[ClassDef, ...]
     title: str = ""
@@ -276,7 +283,7 @@ def definition_path(name_or_path: str | Path) -> Path:
         raise DiffuMaskError(
             f"unknown dataset definition {text!r}.{hint} Built-in definitions: "
             f"{', '.join(builtins)}; or give the path of your own .yaml definition "
-            "(README: Dataset definitions)."
+            "(docs/guide/definitions.md)."
         )
     return builders_dir() / name / DEFINITION_FILE
 

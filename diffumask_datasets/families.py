@@ -31,6 +31,10 @@ def _noise(seeds: Sequence[int], shape: tuple[int, ...]):
 
 
 class UNetFamily:
+    """The engine's adapter for UNet pipelines (SD 1.x, 2.x, SDXL): default size, size step,
+    noise shape, call arguments and where the class words sit in the text. The MMDiT
+    families override what differs."""
+
     name = "unet"
 
     def __init__(self, pipe):
@@ -98,6 +102,10 @@ class UNetFamily:
 
 
 class SD3Family(UNetFamily):
+    """The adapter for SD3 and SD3.5: sizes in whole 2x2 patches, class words found in T5's
+    sequence (and in the CLIP tokens where they reach), the negative half of the guidance
+    batch left unread."""
+
     name = "sd3"
     max_sequence_length = 256  # the pipeline's default
 
@@ -141,6 +149,10 @@ class SD3Family(UNetFamily):
 
 
 class FluxFamily(SD3Family):
+    """The adapter for FLUX.1: latents packed 2x2 into tokens, guidance distilled (no negative
+    half; `true_cfg_scale` runs the negative prompt as a second pass), and ConceptAttention
+    maps (`map_kind="concept"`)."""
+
     name = "flux"
     max_sequence_length = 512  # the pipeline's default
 

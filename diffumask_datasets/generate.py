@@ -30,6 +30,7 @@ def sample_seed(base: int, index: int) -> int:
 
 
 def best_device() -> str:
+    """The device generation runs on when none is given: cuda, else mps, else cpu."""
     import torch
 
     if torch.cuda.is_available():

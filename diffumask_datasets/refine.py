@@ -144,6 +144,9 @@ class Refinement:
 
 @dataclass
 class Refined:
+    """One refined image: its mask, the per-class scores it was cut from, its quality score
+    and the chain of steps that made it."""
+
     mask: np.ndarray  # uint8 HxW
     attention: dict[str, np.ndarray]  # the per-class scores the mask was cut from
     quality: float
@@ -207,6 +210,7 @@ def normalise_max(maps: Array) -> torch.Tensor:
 
 
 def normalise_minmax(maps: Array) -> torch.Tensor:
+    """Each map of `maps` (..., H, W) stretched to [0, 1]; a flat map becomes zeros."""
     maps = as_tensor(maps)
     low = maps.amin(dim=(-2, -1), keepdim=True)
     high = maps.amax(dim=(-2, -1), keepdim=True)
@@ -359,6 +363,7 @@ def label(scores: Array, ids: Any, level: float | torch.Tensor) -> torch.Tensor:
 
 
 def gamma_sweep(first: float, last: float, step: float) -> np.ndarray:
+    """The background levels the adaptive method tries: `first` to `last` by `step`."""
     return np.round(np.arange(first, last + step / 2, step), 6)
 
 

@@ -54,6 +54,9 @@ MIN_RADIUS, MAX_RADIUS = 8.0, 15.0
 
 @dataclass(frozen=True)
 class ShapeObject:
+    """One object of a scene: its shape, colour, centre and circumradius in pixels, and
+    rotation."""
+
     shape: str
     colour: str
     center: tuple[float, float]  # (x, y) in pixels
@@ -63,6 +66,9 @@ class ShapeObject:
 
 @dataclass
 class Scene:
+    """A rendered scene: the RGB image, its exact class mask and instance mask, the objects,
+    the background's name and the caption."""
+
     image: np.ndarray  # uint8 HxWx3
     mask: np.ndarray  # uint8 HxW: 0 background, CLASS_IDS[shape] where an object shows
     instances: np.ndarray  # uint8 HxW: 0 background, k+1 where objects[k] shows

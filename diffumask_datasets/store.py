@@ -315,6 +315,7 @@ class Digest:
 
 
 def file_digest(path: Path) -> Digest:
+    """The sha256 and size of a file, read in 1 MB chunks."""
     sha = hashlib.sha256()
     size = 0
     with open(path, "rb") as handle:

@@ -103,6 +103,7 @@ Errors print one line and exit non-zero; DIFFUMASK_DEBUG=1 shows tracebacks.
     __version__, "--version", "-V", prog_name=PROG, message="%(prog)s %(version)s"
 )
 def main() -> None:
+    """The `diffumask` command: one verb per job (its help text is MAIN_HELP)."""
     pass
 
 

@@ -75,6 +75,7 @@ def mask_annotations(mask: np.ndarray, class_ids: Iterable[int]) -> list[dict[st
 
 
 def coco_categories(class_names: Mapping[int, str]) -> list[dict[str, Any]]:
+    """The COCO `categories` list: one entry per class id, named as in the definition."""
     return [{"id": i, "name": name, "supercategory": "object"} for i, name in class_names.items()]
 
 

@@ -61,6 +61,7 @@ def _split_rank(index: int) -> bytes:
 
 
 def check_val_fraction(val_fraction: float) -> float:
+    """`val_fraction` as a float, or a DiffuMaskError when it is outside [0, 1)."""
     if not 0.0 <= val_fraction < 1.0:
         raise DiffuMaskError(
             f"--val-fraction {val_fraction} is outside [0, 1); give the share of samples "
@@ -84,6 +85,8 @@ def assign_splits(indices: Sequence[int], val_fraction: float) -> dict[int, str]
 
 
 def split_names(split_of: Mapping[int, str]) -> dict[str, list[str]]:
+    """The sample names of each split (train, val), in index order, from a map of sample
+    index to split."""
     return {
         split: [sample_name(i) for i in sorted(split_of) if split_of[i] == split]
         for split in SPLITS

@@ -64,6 +64,7 @@ def class_slug(name: str) -> str:
 
 
 def sample_stem(index: int) -> str:
+    """The file stem of a sample in the media folder: its store index, zero-padded."""
     return f"{index:06d}"
 
 
@@ -170,6 +171,7 @@ class MediaIndex:
 
 
 def is_media_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a media folder written by diffumask (it holds the index file)."""
     return os.path.isfile(os.path.join(path, INDEX_NAME))
 
 
@@ -245,6 +247,8 @@ def source_from_records(
     description: str = "records",
     total: int | None = None,
 ) -> Source:
+    """A Source over any iterable of records (store records or rows of a Hugging Face
+    dataset), with the class names and a fingerprint that names its media folder."""
     return Source(
         fingerprint=fingerprint,
         description=description,
@@ -289,6 +293,7 @@ def encode_map(array: np.ndarray) -> bytes:
 
 
 def decode_map(blob: bytes) -> np.ndarray:
+    """An attention map back from its stored bytes (a compressed `.npy`)."""
     return np.load(io.BytesIO(zlib.decompress(blob)), allow_pickle=False)
 
 

@@ -80,6 +80,9 @@ class _Operator(foo.Operator):
 
 
 class FilterSamples(_Operator):
+    """Operator `filter_samples`: a view by quality range, classes named, mask area and
+    per-class area, on `ground_truth` or a re-refined field."""
+
     NAME = "filter_samples"
     LABEL = "filter samples"
     DESCRIPTION = "Show samples by quality, class and mask area"
@@ -148,6 +151,9 @@ class FilterSamples(_Operator):
 
 
 class RerefineSamples(_Operator):
+    """Operator `rerefine_samples`: masks of the chosen samples recomputed from their stored
+    attention with another threshold, band and minimum area, into a new field."""
+
     NAME = "rerefine_samples"
     LABEL = "re-refine masks"
     DESCRIPTION = "Recompute masks from the stored attention into a new field"
@@ -204,6 +210,9 @@ def _default_field(threshold: Any) -> str:
 
 
 class TagBadSamples(_Operator):
+    """Operator `tag_bad_samples`: tag (or untag) the selected samples, or those below a
+    quality, and hide them."""
+
     NAME = "tag_bad_samples"
     LABEL = "tag and exclude bad samples"
     DESCRIPTION = "Tag the selected samples (or those below a quality) and hide them"
@@ -246,6 +255,9 @@ class TagBadSamples(_Operator):
 
 
 class ClassStatistics(_Operator):
+    """Operator `class_statistics`: per class, samples naming it, samples with pixels, areas
+    and mean quality."""
+
     NAME = "class_statistics"
     LABEL = "per-class mask statistics"
     DESCRIPTION = "Samples, pixel shares and quality per class"
@@ -280,6 +292,9 @@ class ClassStatistics(_Operator):
 
 
 class ExportView(_Operator):
+    """Operator `export_view`: the current view exported to VOC or COCO with the package's
+    exporters."""
+
     NAME = "export_view"
     LABEL = "export to VOC or COCO"
     DESCRIPTION = "Write the current view as a VOC or COCO dataset"
@@ -329,5 +344,6 @@ OPERATORS = (FilterSamples, RerefineSamples, TagBadSamples, ClassStatistics, Exp
 
 
 def register(p):
+    """Register the DiffuMask operators with FiftyOne (called when the plugin loads)."""
     for operator in OPERATORS:
         p.register(operator)
