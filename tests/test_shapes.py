@@ -215,6 +215,10 @@ def test_contact_sheet_grid_and_overlay(tmp_path):
     assert (blended[scenes[0].mask > 0] != scenes[0].image[scenes[0].mask > 0]).any()
     with pytest.raises(DiffuMaskError, match="2 images but 1 masks"):
         contact_sheet([scenes[0].image] * 2, [scenes[0].mask], tmp_path / "x.png")
+    # alpha reaches the overlay: a fainter overlay keeps more of the image
+    faint = contact_sheet([scenes[0].image], [scenes[0].mask], tmp_path / "f.png", alpha=0.1)
+    strong = contact_sheet([scenes[0].image], [scenes[0].mask], tmp_path / "g.png", alpha=0.9)
+    assert not np.array_equal(np.asarray(Image.open(faint)), np.asarray(Image.open(strong)))
 
 
 # ---------------------------------------------------------------- shipped model
