@@ -33,6 +33,18 @@
     synthetic_over_real / exact_masks_over_real is what our masks cost (mask efficiency)
     apart from how the generator draws.
 
+(c) Several objects. Prompts naming 2 and 3 distinct shapes in distinct colours (128 per
+    count by default, seeded). Each drawn object is a connected region of foreground
+    pixels sharing their nearest world colour (so touching objects of two colours are
+    two objects), named by (a)'s shape classifier, not by colour (the model at times
+    swaps colours between objects); objects it names with probability below 0.9, or
+    names as a shape the prompt did not ask for, are left unscored. Per refinement: mask
+    mIoU over background and the four shapes, class confusion (object pixels labelled as
+    another prompted class), missing classes (drawn prompted objects whose class is
+    absent from the mask), and how many images drew every prompted shape. Each capture
+    setting generates once; every refinement is cut from the same captured maps
+    (`DiffuMask.captures`, `refine_captured`).
+
 The last line printed is exactly
 `shapes: mask_miou=<best> synthetic_over_real=<ratio> exact_masks_over_real=<ratio>`.
 
@@ -40,6 +52,9 @@ The last line printed is exactly
     python benchmarks/shapes_quality.py --json out.json
     python benchmarks/shapes_quality.py --only shape-fidelity   # ~2 minutes; last line
         # `shape fidelity: circle=<a> square=<a> triangle=<a> star=<a>`
+    python benchmarks/shapes_quality.py --only multi-object    # (c) beside (a)'s mask
+        # mIoU for the same refinements; --multi-methods picks them; last line
+        # `multi-object: <method>=<mIoU 2 objects>/<mIoU 3 objects> ...`
 """
 
 from __future__ import annotations
@@ -630,17 +645,20 @@ def single_object_rows(dm, n, steps, guidance, seed, batch, methods=None) -> dic
     return row
 
 
-def print_multi_object_rows(single: dict | None, rows: dict) -> None:
-    print(
-        f"{'objects':>7}  {'refinement':<22}{'prompts':>8}{'all drawn':>10}{'mIoU':>7}"
-        f"{'confusion':>10}{'missing':>12}{'refine ms':>10}"
-    )
+def print_multi_object_rows(single: dict | None, rows: dict, header: bool = True) -> None:
+    if header:
+        print(
+            f"{'objects':>7}  {'refinement':<22}{'prompts':>8}{'all drawn':>10}{'mIoU':>7}"
+            f"{'confusion':>10}{'missing':>12}{'refine ms':>10}",
+            flush=True,
+        )
     if single is not None:
         for name, r in single.items():
             if name != "prompts":
                 print(
                     f"{1:>7}  {name:<22}{single['prompts']:>8}{'':>10}{r['miou']:>7.3f}"
-                    f"{'':>10}{'':>12}{r['refine_ms_per_image']:>10.1f}"
+                    f"{'':>10}{'':>12}{r['refine_ms_per_image']:>10.1f}",
+                    flush=True,
                 )
     for objects, row in rows.items():
         for name, r in row.items():
@@ -650,7 +668,8 @@ def print_multi_object_rows(single: dict | None, rows: dict) -> None:
             print(
                 f"{objects:>7}  {name:<22}{row['prompts']:>8}"
                 f"{row['every_prompted_shape_drawn']:>10}{r['miou']:>7.3f}"
-                f"{r['confusion']:>10.1%}{missing:>12}{r['refine_ms_per_image']:>10.1f}"
+                f"{r['confusion']:>10.1%}{missing:>12}{r['refine_ms_per_image']:>10.1f}",
+                flush=True,
             )
 
 
@@ -743,23 +762,26 @@ def multi_object_main(dm, args, methods: dict[str, dict], began: float) -> dict:
     """--only multi-object: (c), with (a)'s single-object mask mIoU for the same
     refinements from the same run. Last line `multi-object: <method>=<2 objects>/<3
     objects> ...` (mask mIoU)."""
+    print_multi_object_header(args)
     single = single_object_rows(
         dm, args.fidelity_images, args.steps, args.guidance, args.seed, args.batch, methods
     )
+    print_multi_object_rows(single, {})  # printed as each part is done
     classifier = train_shape_classifier(args.seed)
-    rows = multi_object_rows(
-        dm,
-        classifier,
-        (2, 3),
-        args.multi_prompts,
-        args.steps,
-        args.guidance,
-        args.seed,
-        args.batch,
-        methods,
-    )
-    print_multi_object_header(args)
-    print_multi_object_rows(single, rows)
+    rows = {}
+    for objects in (2, 3):
+        rows |= multi_object_rows(
+            dm,
+            classifier,
+            (objects,),
+            args.multi_prompts,
+            args.steps,
+            args.guidance,
+            args.seed,
+            args.batch,
+            methods,
+        )
+        print_multi_object_rows(None, {objects: rows[objects]}, header=False)
     report = {
         "model": args.model,
         "settings": {k: str(v) for k, v in vars(args).items()},
