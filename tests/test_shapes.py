@@ -325,7 +325,7 @@ def test_generated_single_object_mask_overlaps_the_object(shapes_pipe):
 def test_the_definitions_refinement_names_each_of_two_objects_by_its_own_class(shapes_pipe):
     """Two prompted shapes: the two largest drawn objects carry the prompt's two classes,
     one each (the walk through the affinity alone gave both objects one class on all four
-    of these prompts)."""
+    of these prompts); the masks do not depend on the batch size."""
     from scipy import ndimage
 
     from diffumask_datasets import DiffuMask
@@ -343,15 +343,22 @@ def test_the_definitions_refinement_names_each_of_two_objects_by_its_own_class(s
         ),
         ("a photo of a blue triangle and a red star on a cream background", ["triangle", "star"]),
     ]
-    samples = DiffuMask(shapes_pipe)(
-        [p for p, _ in prompts],
-        classes=[c for _, c in prompts],
-        seed=0,
-        num_inference_steps=20,
-        guidance_scale=4.0,
-        class_ids=sw.CLASS_IDS,
-        refinement=load_definition("shapes").defaults["refinement"],
-    )
+    runs = [
+        DiffuMask(shapes_pipe)(
+            [p for p, _ in prompts],
+            classes=[c for _, c in prompts],
+            seed=0,
+            num_inference_steps=20,
+            guidance_scale=4.0,
+            class_ids=sw.CLASS_IDS,
+            refinement=load_definition("shapes").defaults["refinement"],
+            batch_size=batch_size,
+        )
+        for batch_size in (4, 1)
+    ]
+    samples = runs[0]
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
     for sample, (prompt, shapes) in zip(samples, prompts, strict=True):
         objects, count = ndimage.label(sw.foreground_mask(np.asarray(sample.image)))
         sizes = ndimage.sum(objects > 0, objects, range(1, count + 1))
