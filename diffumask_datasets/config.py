@@ -54,7 +54,7 @@ class GenerationConfig:
     guidance_scale: float | None = None
     resolution: int | None = None  # square images, pixels (a multiple of 8)
     seed: int | None = None  # base seed; sample i gets generate.sample_seed(seed, i)
-    refinement: str | dict | None = None  # threshold | adaptive | affinity, or parameters
+    refinement: str | dict | None = None  # threshold | adaptive | affinity | separate, or a dict
     batch_size: int | None = None
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str | None = None  # None: the engine's choice for the device

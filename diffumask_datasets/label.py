@@ -235,16 +235,16 @@ def label_batches(
             image_pipe(**arguments)  # output_type "latent": nothing decoded
             return given
 
-        done = dm._captured_batch(
+        maps = dm._traced(
             denoise,
             prompt_list[run],
             plan.token_indices[run],
             seeds[run],
             plan.class_ids,
             plan.options,
-            plan.params,
-            batch_settings,
+            {"model": dm.model, **batch_settings},
         )
+        done = dm._refine_later(maps, plan.params)
         yield _with_sources(done, [source for _, source in batch])
 
 

@@ -491,8 +491,8 @@ class Store:
             raise DiffuMaskError(
                 f"no space left on the device while writing shard {shard} to "
                 f"{self.shard_path(shard)}; free some space there, then run the same command "
-                f"with --resume (or the same load_dataset call) to continue: the {kept} "
-                "finished shards are kept"
+                f"with --resume (or the same load_dataset call) to continue: the finished "
+                f"shards ({kept} of {self.num_shards}) are kept"
             ) from exc
         return digest
 
