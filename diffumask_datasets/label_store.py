@@ -34,14 +34,14 @@ class LabelConfig:
 
     model: str = "builtin:tiny-random"
     classes: list[str] | None = None  # class names every image is labelled with
-    definition: str | None = None  # a definition whose ids the classes take (None: 1..N)
+    definition: str | None = None  # whose ids the classes take (None: 1..N) and refinement
     prompt: str | None = None  # one prompt for every image; None: made from the classes
     strength: float | None = None  # None: label.DEFAULT_STRENGTH
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     resolution: int | None = None  # longer side the model denoises at; None: own size
     seed: int = 0
-    refinement: str | dict | None = None
+    refinement: str | dict | None = None  # None: the definition's, else the engine's
     batch_size: int = 4  # never changes a sample: not fingerprinted
     shard_size: int = 64
     attention_size: int | None = None  # side of the stored maps; None: from the images
@@ -189,6 +189,9 @@ def label_dataset(
         raise DiffuMaskError("no classes given; name the classes to label, e.g. --classes dog,cat")
     images = image_inputs(source)
     definition = label_definition(list(config.classes), config.definition)
+    if config.refinement is None and config.definition is not None:
+        # as `generate`: a setting left out takes the definition's default
+        config = dataclasses.replace(config, refinement=definition.defaults.get("refinement"))
     longest = _longest_side(images)
     if config.attention_size is None:  # the largest map capture keeps, at most 64
         config = dataclasses.replace(config, attention_size=max(8, min(64, longest // 8)))

@@ -45,6 +45,9 @@ def test_a_voc_folder_is_labelled_into_a_store(labelled, voc):
         assert record.image.tobytes() == Image.open(path).convert("RGB").tobytes()
         assert record.mask.shape == (64, 64)
         assert record.meta["route"] == "image-to-image"
+        # the definition's refinement, as generate takes it
+        expected = load_definition("shapes").defaults["refinement"]["method"]
+        assert record.meta["refinement"]["method"] == expected
 
 
 def test_resume_keeps_the_store_and_other_settings_are_refused(labelled, voc, monkeypatch):

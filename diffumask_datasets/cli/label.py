@@ -58,7 +58,9 @@ def _check_strength(ctx: click.Context, param: click.Parameter, value: float | N
     help="Hub id, local diffusers folder or builtin:tiny-random | builtin:tiny-random-xl | "
     "builtin:tiny-random-sd3 | builtin:tiny-random-flux | builtin:shapes.",
 )
-@click.option("--definition", help="Take the class ids of this definition (e.g. voc, shapes).")
+@click.option(
+    "--definition", help="Take the class ids and refinement of this definition (voc, shapes)."
+)
 @click.option("--prompt", help="One prompt for every image, naming every class.")
 @click.option(
     "--strength", type=float, callback=_check_strength, help="Noise level in (0, 1]; default 0.3."
