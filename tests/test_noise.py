@@ -126,3 +126,34 @@ def test_clean_prints_an_estimate_of_the_whole_run(tmp_path, capsys):
     # the estimate comes once, after the first steps, and names what runs where
     assert err.count("noise learning: 2 trainings of builtin:fcn at 32 px, 3 steps") == 1
     assert "on cpu: about" in err
+
+
+def test_clean_stores_both_scores_and_ranks_by_the_one_asked_for(tmp_path):
+    from diffumask_datasets.store import open_store, write_store
+
+    store = make_store(tmp_path / "s", 8)
+    varied = []
+    for record in store.records():
+        record.quality = [0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4][record.index]
+        varied.append(record)
+    write_store(tmp_path / "q", varied, store.manifest)
+    fcn = TrainSettings(steps=2, batch_size=4, size=32, segmenter="builtin:fcn")
+    runs = {}
+    for rank_by in ("consistency", "combined"):
+        cleaned, summary = clean_store(
+            open_store(tmp_path / "q"), tmp_path / rank_by, 2, 0.5, fcn, False, False, rank_by
+        )
+        runs[rank_by] = summary
+        order = [summary["consistency" if rank_by == "consistency" else "combined_score"]]
+        best = sorted(order[0], key=lambda k: (-order[0][k], int(k)))[:4]
+        assert sorted(r.index for r in cleaned.records()) == sorted(int(k) for k in best)
+        for record in cleaned.records():
+            assert record.meta["consistency"] == summary["consistency"][str(record.index)]
+            assert record.meta["combined_score"] == summary["combined_score"][str(record.index)]
+    first = runs["consistency"]
+    consistency = np.array([first["consistency"][str(i)] for i in range(8)])
+    quality = np.array([r.quality for r in varied])
+    expected = combine_scores([consistency, quality])
+    assert [first["combined_score"][str(i)] for i in range(8)] == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(DiffuMaskError, match="--rank-by 'area' is not a score"):
+        clean_store(store, tmp_path / "x", 2, 0.5, fcn, progress=False, rank_by="area")

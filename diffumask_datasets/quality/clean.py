@@ -34,6 +34,18 @@ def check_keep(keep: float) -> float:
     return float(keep)
 
 
+RANK_BY = ("consistency", "combined")
+
+
+def check_rank_by(rank_by: str) -> str:
+    if rank_by not in RANK_BY:
+        raise DiffuMaskError(
+            f"--rank-by {rank_by!r} is not a score clean ranks by; use consistency (the "
+            "default) or combined"
+        )
+    return rank_by
+
+
 def check_folds(folds: int, samples: int) -> int:
     if folds < 2:
         raise DiffuMaskError(
@@ -264,16 +276,21 @@ def clean_store(
     settings: TrainSettings = CLEAN_SETTINGS,
     use_priors: bool = True,
     progress: bool = True,
+    rank_by: str = "consistency",
 ):
     """Noise learning on a store (a Store or its path): writes the kept samples, each with
-    its `consistency` in meta, as a new store at `dest`; the source is only read. The new
-    manifest's `clean` entry records the settings and every sample's consistency; each
+    its `consistency` and `combined_score` in meta, as a new store at `dest`; the source is
+    only read. `rank_by` chooses the score that decides what is kept: "consistency" (the
+    default) or "combined" (the rank average of consistency and the attention's quality
+    score, `combine_scores`). The new manifest's `clean` entry records the settings and
+    every sample's scores; each
     kept sample's held-out prediction is saved beside the store (`held_out_path`), which
     is what FiftyOne evaluates the masks against. Returns (new Store, summary dict)."""
     from diffumask_datasets.export import check_destination, progress_bar, staged_destination
     from diffumask_datasets.store import open_store, write_store
 
     check_keep(keep)
+    check_rank_by(rank_by)
     if isinstance(store, (str, os.PathLike)):
         store = open_store(store)
     check_folds(folds, len(store))
@@ -292,7 +309,9 @@ def clean_store(
         settings,
         progress,
     )
-    scores = consistency_of(masks, predictions, classes)
+    consistency = consistency_of(masks, predictions, classes)
+    combined = combine_scores([consistency, np.array([r.quality for r in records])])
+    scores = consistency if rank_by == "consistency" else combined
     priors = store.definition.priors if use_priors else {}
     violations = [prior_violation(r.mask, r.classes, class_ids, priors) for r in records]
     kept = choose_kept(scores, np.array([v is None for v in violations]), keep)
@@ -305,8 +324,12 @@ def clean_store(
         "samples": len(records),
         "kept": len(kept),
         "prior_rejected": sum(v is not None for v in violations),
+        "rank_by": rank_by,
         "consistency": {
-            str(r.index): round(float(s), 4) for r, s in zip(records, scores, strict=True)
+            str(r.index): round(float(s), 4) for r, s in zip(records, consistency, strict=True)
+        },
+        "combined_score": {
+            str(r.index): round(float(s), 4) for r, s in zip(records, combined, strict=True)
         },
     }
     manifest = {**store.manifest, "clean": summary}
@@ -314,7 +337,11 @@ def clean_store(
     def annotated():
         for i in kept:
             record = records[i]
-            record.meta = {**record.meta, "consistency": round(float(scores[i]), 4)}
+            record.meta = {
+                **record.meta,
+                "consistency": round(float(consistency[i]), 4),
+                "combined_score": round(float(combined[i]), 4),
+            }
             yield record
 
     with staged_destination(Path(dest), False, Path(store.path)) as staging:
