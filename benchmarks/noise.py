@@ -110,10 +110,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=CLEAN_SETTINGS.size)
     parser.add_argument("--learning-rate", type=float, default=CLEAN_SETTINGS.learning_rate)
     parser.add_argument("--folds", type=int, default=3)
-    # the synthetic-to-real segmenter: the shapes ablation's (builtin:fcn, 32 px, 1200 steps)
-    parser.add_argument("--eval-steps", type=int, default=1200)
+    # the synthetic-to-real segmenter: builtin:fcn at 32 px (the shapes ablation's, fewer steps)
+    parser.add_argument("--eval-steps", type=int, default=600)
     parser.add_argument("--eval-size", type=int, default=32)
     parser.add_argument("--no-transfer", action="store_true", help="skip synthetic-to-real")
+    parser.add_argument(
+        "--transfer-only",
+        action="store_true",
+        help="only the synthetic-to-real trainings, waiting for the clean rows that another "
+        "process (the same command without this flag and with --no-transfer) writes",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default=None, help="torch device; default cuda if present")
@@ -131,7 +137,8 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = Rows(args.work / "noise.json")
+    rows = Rows(args.work / "noise.json")  # the cleans
+    transfers = Rows(args.work / "transfer.json")  # the synthetic-to-real trainings
     settings = TrainSettings(
         steps=args.train_steps,
         size=args.size,
@@ -165,66 +172,89 @@ def main(argv=None) -> dict:
     machine = {"threads": args.threads, "device": args.device or "auto"}
 
     def transfer(key: str, imgs, masks):
-        if args.no_transfer or key in rows or args.report_only:
+        if args.no_transfer or key in transfers or args.report_only:
             return
         began = time.time()
         segmenter = train_segmenter(imgs, masks, NUM_LABELS, eval_settings, progress=False)
         score = score_segmenter(segmenter, test)
-        rows.put(key, {"miou": score.miou, "images": len(imgs),
-                       "seconds": round(time.time() - began, 1)})  # fmt: skip
-        print(f"{key:<40}{score.miou:.3f}  ({time.time() - began:.0f} s)", flush=True)
+        transfers.put(key, {"miou": score.miou, "images": len(imgs),
+                            "seconds": round(time.time() - began, 1)})  # fmt: skip
+        print(f"{key}  {score.miou:.3f}  ({time.time() - began:.0f} s)", flush=True)
 
-    transfer("transfer/exact", images, exact)
-    for share in [float(s) for s in args.shares.split(",")]:
-        for kind in args.kinds.split(","):
+    def clean_row(kind: str, share: float, key: str, masks, bad) -> None:
+        store = bad_store(args.work, truth, records, masks, f"{kind}-{share}")
+        cleaned = args.work / "cleaned" / f"{kind}-{share}"
+        shutil.rmtree(cleaned, ignore_errors=True)
+        began = time.time()
+        _, summary = clean_store(
+            store, cleaned, args.folds, 0.7, settings, use_priors=False, progress=False
+        )
+        seconds = time.time() - began
+        consistency = np.array([summary["consistency"][str(r.index)] for r in records])
+        quality = np.array([r.quality for r in records])
+        truth_iou = np.array(
+            [object_iou(m, e, c) for m, e, c in zip(masks, exact, class_ids, strict=True)]
+        )
+        scores = {"consistency": consistency}
+        if np.ptp(quality) > 0:  # rendered scenes have no attention: their quality is 1
+            scores["quality"] = quality
+            scores["combined"] = combine_scores([consistency, quality])
+        rows.put(key, {
+            "kind": kind, "share": share, "bad": bad, "seconds": round(seconds, 1),
+            "pruned": {str(k): pruned_share(consistency, bad, k) for k in (0.7, 0.5)},
+            "spearman": {n: spearman(s, truth_iou) for n, s in scores.items()},
+            "bad_iou": float(truth_iou[bad].mean()),
+            "scores": consistency.tolist(), "settings": settings.to_dict(),
+            "folds": args.folds, "machine": machine,
+        })  # fmt: skip
+        row = rows[key]
+        print(f"{key:<48}pruned@0.7 {row['pruned']['0.7']:.2f}  @0.5 "
+              f"{row['pruned']['0.5']:.2f}  spearman {row['spearman']['consistency']:.2f}"
+              f"  ({seconds:.0f} s)", flush=True)  # fmt: skip
+
+    shares = [float(s) for s in args.shares.split(",")]
+    kinds = args.kinds.split(",")
+    corrupted = {
+        (kind, share): corruptions.corrupt(exact, kind, share, args.seed + 3)
+        for share in shares
+        for kind in kinds
+    }
+    if not args.transfer_only:
+        for (kind, share), (masks, bad) in corrupted.items():
             key = f"{tag}/{kind}/{share}"
-            masks, bad = corruptions.corrupt(exact, kind, share, args.seed + 3)
             if key not in rows and not args.report_only:
-                store = bad_store(args.work, truth, records, masks, f"{kind}-{share}")
-                cleaned = args.work / "cleaned" / f"{kind}-{share}"
-                shutil.rmtree(cleaned, ignore_errors=True)
-                began = time.time()
-                _, summary = clean_store(
-                    store, cleaned, args.folds, 0.7, settings, use_priors=False, progress=False
-                )
-                seconds = time.time() - began
-                consistency = np.array([summary["consistency"][str(r.index)] for r in records])
-                quality = np.array([r.quality for r in records])
-                truth_iou = np.array(
-                    [object_iou(m, e, c) for m, e, c in zip(masks, exact, class_ids, strict=True)]
-                )
-                scores = {"consistency": consistency}
-                if np.ptp(quality) > 0:  # rendered scenes have no attention: quality is 1
-                    scores["quality"] = quality
-                    scores["combined"] = combine_scores([consistency, quality])
-                rows.put(key, {
-                    "kind": kind, "share": share, "bad": bad, "seconds": round(seconds, 1),
-                    "pruned": {str(k): pruned_share(consistency, bad, k) for k in (0.7, 0.5)},
-                    "spearman": {n: spearman(s, truth_iou) for n, s in scores.items()},
-                    "bad_iou": float(truth_iou[bad].mean()),
-                    "scores": consistency.tolist(), "settings": settings.to_dict(),
-                    "folds": args.folds, "machine": machine,
-                })  # fmt: skip
-                row = rows[key]
-                print(f"{key:<40}pruned@0.7 {row['pruned']['0.7']:.2f}  @0.5 "
-                      f"{row['pruned']['0.5']:.2f}  spearman {row['spearman']['consistency']:.2f}"
-                      f"  ({seconds:.0f} s)", flush=True)  # fmt: skip
-            if share == 0.25 and key in rows:
+                clean_row(kind, share, key, masks, bad)
+    # synthetic-to-real on the 25% stores: exact masks, as they are, cleaned (keep 0.7);
+    # with --transfer-only this waits for the clean rows another process writes
+    transfer("transfer/exact", images, exact)
+    waiting = [(k, s) for k, s in corrupted if s == 0.25]
+    for kind, share in waiting:
+        transfer(f"transfer/{kind}/{share}/none", images, corrupted[kind, share][0])
+    while waiting and not args.no_transfer and not args.report_only:
+        rows = Rows(args.work / "noise.json")
+        for kind, share in list(waiting):
+            key = f"{tag}/{kind}/{share}"
+            if key in rows:
+                masks = corrupted[kind, share][0]
                 kept = choose_kept(np.array(rows[key]["scores"]), np.ones(len(masks), bool), 0.7)
-                transfer(f"transfer/{kind}/{share}/none", images, masks)
                 transfer(
-                    f"transfer/{tag}/{kind}/{share}/keep-0.7",
+                    f"transfer/{key}/keep-0.7",
                     [images[i] for i in kept],
                     [masks[i] for i in kept],
                 )
-    report(rows, tag)
+                waiting.remove((kind, share))
+        if waiting:
+            if not args.transfer_only:
+                break
+            time.sleep(30)
+    report(rows, transfers, tag)
     if args.json:
-        args.json.write_text(json.dumps(rows.data, indent=2))
-    return rows.data
+        args.json.write_text(json.dumps({**rows.data, **transfers.data}, indent=2))
+    return {**rows.data, **transfers.data}
 
 
-def report(rows: Rows, tag: str) -> None:
-    exact = rows["transfer/exact"]["miou"] if "transfer/exact" in rows else float("nan")
+def report(rows: Rows, transfers: Rows, tag: str) -> None:
+    exact = transfers["transfer/exact"]["miou"] if "transfer/exact" in transfers else float("nan")
     print(f"\nclean settings {tag}; segmenter on exact masks: test mIoU {exact:.3f}")
     print("| kind | share | pruned @0.7 | pruned @0.5 | Spearman (consistency) | "
           "bad masks' IoU | seconds | after clean / exact | as is / exact |")  # fmt: skip
@@ -233,8 +263,8 @@ def report(rows: Rows, tag: str) -> None:
         if not key.startswith(f"{tag}/"):
             continue
         kind, share = row["kind"], row["share"]
-        cleaned = rows.data.get(f"transfer/{tag}/{kind}/{share}/keep-0.7", {}).get("miou")
-        as_is = rows.data.get(f"transfer/{kind}/{share}/none", {}).get("miou")
+        cleaned = transfers.data.get(f"transfer/{tag}/{kind}/{share}/keep-0.7", {}).get("miou")
+        as_is = transfers.data.get(f"transfer/{kind}/{share}/none", {}).get("miou")
         ratio = lambda v: f"{v / exact:.3f}" if v is not None else ""  # noqa: E731
         print(
             f"| {kind} | {share:.0%} | {row['pruned']['0.7']:.0%} | {row['pruned']['0.5']:.0%} "

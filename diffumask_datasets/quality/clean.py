@@ -7,6 +7,13 @@ that prediction over background and the classes of its prompt (pixels its mask i
 left out). A mask that disagrees with what the rest of the data teaches is likely wrong.
 `clean_store` keeps the top fraction by consistency, after the definition's per-class
 priors (e.g. `prior: {area: [0.05, 0.5]}`) have ruled out masks of implausible size.
+
+Scores a cleaned sample carries: `consistency` (above; what clean ranks by unless told
+otherwise), the attention's own `quality` (from generation; blind to a mask that went
+wrong after the attention, e.g. one swapped or taken from another image), and
+`combined_score`, the rank average of the two (`combine_scores`; `rank_by="combined"`).
+Which to trust is measured by benchmarks/noise.py against masks made bad on purpose
+(quality/corruptions.py).
 """
 
 from __future__ import annotations
@@ -74,7 +81,7 @@ def fold_of(samples: int, folds: int, seed: int) -> np.ndarray:
 # (benchmarks/noise.py, BENCHMARKS.md): the small FCN learns the data in a CPU budget where
 # the from-scratch SegFormer does not, so its disagreement with a mask speaks of the mask.
 HELD_OUT_DIR = "held_out"
-CLEAN_SETTINGS = TrainSettings(segmenter=FCN, steps=600, size=64, learning_rate=3e-3)
+CLEAN_SETTINGS = TrainSettings(segmenter=FCN, steps=600, size=32, learning_rate=3e-3)
 
 
 def held_out_predictions(
