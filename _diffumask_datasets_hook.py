@@ -9,8 +9,8 @@ lets it load normally and then, right after, registers the builder names in data
 table of packaged builders (`_PACKAGED_DATASETS_MODULES`, the table `load_dataset`
 consults before it looks anywhere else) and teaches the packaged-builder factory that
 these names bring their own definition file instead of scanning the working directory
-for data files. `diffumask_datasets.hf` runs the same registration on import, so an
-explicit `import diffumask_datasets.hf` works where the .pth file is absent (a source
+for data files. `diffumask_datasets.datasets_builder` runs the same registration on import, so an
+explicit `import diffumask_datasets.datasets_builder` works where the .pth file is absent (a source
 checkout run from its root, where this file lies next to the package).
 
 This module imports nothing outside the standard library at start-up and never raises:
@@ -28,8 +28,16 @@ NAMES = {
     "diffumask-shapes": "shapes",
     "diffumask": None,
 }
-BUILDER_MODULE = "diffumask_datasets.hf"
-_HASHED_FILES = ("hf.py", "store.py", "build.py", "prompts.py", "definitions.py")
+BUILDER_MODULE = "diffumask_datasets.datasets_builder"
+_HASHED_FILES = (
+    "datasets_builder.py",
+    "store.py",
+    "build.py",
+    "config.py",
+    "shards.py",
+    "prompts.py",
+    "definitions.py",
+)
 
 
 def _package_dir() -> str | None:
@@ -59,11 +67,79 @@ def module_hash() -> str:
     return digest.hexdigest()
 
 
+# The parts of `datasets` outside its public API that this hook and the builder
+# (diffumask_datasets.datasets_builder) rely on. A release may move any of them: then
+# load_dataset("diffumask-...") cannot work, and register() says so instead of failing late.
+PRIVATE_PARTS = {
+    "datasets.packaged_modules": ("_PACKAGED_DATASETS_MODULES",),
+    "datasets.load": ("PackagedDatasetModuleFactory", "DatasetModule"),
+    "datasets.data_files": ("DataFilesDict", "sanitize_patterns"),
+}
+# The packaged-builder factory is made as Factory(name, data_dir=, data_files=,
+# download_config=, download_mode=) and asked for get_module().
+FACTORY_PARAMETERS = ("name", "data_dir", "data_files", "download_config", "download_mode")
+TESTED_DATASETS = "datasets>=4.0,<5.3"
+
+
+def _stock_factory(load) -> type:
+    """datasets' own factory class, also after register() subclassed it."""
+    for cls in load.PackagedDatasetModuleFactory.__mro__:
+        if "_diffumask" not in vars(cls):
+            return cls
+    return load.PackagedDatasetModuleFactory  # pragma: no cover
+
+
+def missing_private_parts() -> list[str]:
+    """The private parts of `datasets` the hook needs that the installed `datasets`
+    lacks, by their dotted names (empty when every one is there)."""
+    import importlib
+    import inspect
+
+    missing = []
+    modules = {}
+    for module_name, names in PRIVATE_PARTS.items():
+        try:
+            modules[module_name] = importlib.import_module(module_name)
+        except ImportError:
+            missing.append(module_name)
+            continue
+        missing += [f"{module_name}.{n}" for n in names if not hasattr(modules[module_name], n)]
+    if missing:
+        return missing
+    table = modules["datasets.packaged_modules"]._PACKAGED_DATASETS_MODULES
+    if not isinstance(table, dict):
+        missing.append("datasets.packaged_modules._PACKAGED_DATASETS_MODULES (a dict)")
+    factory = _stock_factory(modules["datasets.load"])
+    parameters = inspect.signature(factory.__init__).parameters
+    missing += [
+        f"datasets.load.PackagedDatasetModuleFactory({name}=...)"
+        for name in FACTORY_PARAMETERS
+        if name not in parameters
+    ]
+    if not callable(getattr(factory, "get_module", None)):
+        missing.append("datasets.load.PackagedDatasetModuleFactory.get_module")
+    if not hasattr(modules["datasets.data_files"].DataFilesDict, "from_patterns"):
+        missing.append("datasets.data_files.DataFilesDict.from_patterns")
+    return missing
+
+
 def register() -> bool:
-    """Register the builder names with an imported `datasets`; True when done."""
+    """Register the builder names with an imported `datasets`; True when done (False,
+    with a message on stderr, when this `datasets` lacks a part the hook relies on)."""
     load = sys.modules.get("datasets.load")
     packaged = sys.modules.get("datasets.packaged_modules")
     if load is None or packaged is None or _package_dir() is None:
+        return False
+    missing = missing_private_parts()
+    if missing:
+        version = getattr(sys.modules.get("datasets"), "__version__", "?")
+        print(
+            f"diffumask-datasets: load_dataset('diffumask-...') is unavailable: datasets "
+            f"{version} lacks {', '.join(missing)}; install a tested version "
+            f"(pip install '{TESTED_DATASETS}') or use `diffumask generate` and "
+            "load_dataset(OUT_FOLDER)",
+            file=sys.stderr,
+        )
         return False
     table = packaged._PACKAGED_DATASETS_MODULES
     if not all(name in table for name in NAMES):
@@ -104,7 +180,7 @@ def _factory_class(base: type) -> type:
         def get_module(self):
             if self.name not in NAMES:
                 return super().get_module()
-            from diffumask_datasets.hf import dataset_module
+            from diffumask_datasets.datasets_builder import dataset_module
 
             return dataset_module(self.name, self.data_dir, self.data_files, self.download_config)
 

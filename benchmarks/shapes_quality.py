@@ -556,7 +556,7 @@ def main(argv=None) -> dict:
             sheet_images += images[row : row + 8] * 2
             sheet_masks += refs[row : row + 8]
             sheet_masks += [s.mask for s in fidelity[best]["samples"][row : row + 8]]
-        contact_sheet(sheet_images, sheet_masks, args.sheet, columns=8, tile=96)
+        contact_sheet(sheet_images, sheet_masks, args.sheet, columns=8, tile=128)
     ranking = quality_ranking(fidelity[best]["samples"], prompts, refs, kept)
     print(
         f"quality score vs object IoU ({best}): Spearman {ranking['spearman']:.3f}; mean IoU "

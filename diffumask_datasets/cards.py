@@ -17,10 +17,9 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.resources import cards_dir
+from diffumask_datasets.statistics import class_rows, store_statistics
 
 CITATION = """@inproceedings{wu2023diffumask,
   title     = {DiffuMask: Synthesizing Images with Pixel-level Annotations for Semantic
@@ -73,74 +72,6 @@ def size_category(count: int) -> str:
     return "10M<n<100M"
 
 
-# -- statistics ------------------------------------------------------------------------------
-
-
-def store_statistics(store: Any) -> dict[str, Any]:
-    """Samples and pixels per class, background and ignore shares, quality spread.
-
-    Reads only the mask, classes and quality columns of the shards.
-    """
-    import io
-
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    names = store.class_names
-    chosen = set(store.manifest.get("config", {}).get("classes") or names.values())
-    prompted = dict.fromkeys(names, 0)
-    present = dict.fromkeys(names, 0)
-    pixels = dict.fromkeys([*names, 255], 0)
-    qualities: list[float] = []
-    sizes: set[tuple[int, int]] = set()
-    for shard in range(store.num_shards):
-        table = pq.read_table(store.shard_path(shard), columns=["mask", "classes", "quality"])
-        for mask_cell, classes, quality in zip(
-            table.column("mask").to_pylist(),
-            table.column("classes").to_pylist(),
-            table.column("quality").to_pylist(),
-            strict=True,
-        ):
-            mask = np.asarray(Image.open(io.BytesIO(mask_cell["bytes"])))
-            sizes.add((mask.shape[1], mask.shape[0]))
-            values, counts = np.unique(mask, return_counts=True)
-            for value, count in zip(values.tolist(), counts.tolist(), strict=True):
-                pixels[value] = pixels.get(value, 0) + count
-                if value in present and value != 0:
-                    present[value] += 1
-            for class_id in classes:
-                prompted[class_id] = prompted.get(class_id, 0) + 1
-            qualities.append(float(quality))
-    total = sum(pixels.values()) or 1
-    per_class = [
-        {
-            "id": class_id,
-            "name": name,
-            "prompted": prompted.get(class_id, 0),
-            "present": present.get(class_id, 0),
-            "pixels": pixels.get(class_id, 0),
-            "pixel_share": pixels.get(class_id, 0) / total,
-        }
-        for class_id, name in sorted(names.items())
-        # the classes this dataset was made for, and any other that shows up
-        if class_id != 0 and (name in chosen or prompted.get(class_id) or present.get(class_id))
-    ]
-    quality = np.asarray(qualities, dtype=np.float64)
-    return {
-        "num_samples": len(qualities),
-        "classes": per_class,
-        "background_share": pixels.get(0, 0) / total,
-        "ignore_share": pixels.get(255, 0) / total,
-        "quality": {
-            "mean": float(quality.mean()) if len(quality) else 0.0,
-            "median": float(np.median(quality)) if len(quality) else 0.0,
-            "min": float(quality.min()) if len(quality) else 0.0,
-            "max": float(quality.max()) if len(quality) else 0.0,
-        },
-        "image_sizes": sorted(sizes),
-    }
-
-
 # -- the card ----------------------------------------------------------------------------
 
 
@@ -183,16 +114,20 @@ def _yaml_header(meta: Mapping[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(dict(meta), sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def _class_table(stats: dict[str, Any], palette: Mapping[int, tuple[int, int, int]]) -> str:
+def _class_table(
+    stats: dict[str, Any],
+    rows: list[dict[str, Any]],
+    palette: Mapping[int, tuple[int, int, int]],
+) -> str:
     lines = [
         "| id | class | images prompted | images with pixels | pixels | pixel share | colour |",
         "|---:|---|---:|---:|---:|---:|---|",
     ]
-    for c in stats["classes"]:
+    for c in rows:
         colour = "#{:02x}{:02x}{:02x}".format(*palette.get(c["id"], (0, 0, 0)))
         lines.append(
-            f"| {c['id']} | {c['name']} | {c['prompted']} | {c['present']} | {c['pixels']:,} "
-            f"| {100 * c['pixel_share']:.2f}% | `{colour}` |"
+            f"| {c['id']} | {c['name']} | {c['prompted_images']} | {c['images_with_pixels']} "
+            f"| {c['pixels']:,} | {100 * c['pixel_share']:.2f}% | `{colour}` |"
         )
     lines.append(f"| 0 | background | | | | {100 * stats['background_share']:.2f}% | `#000000` |")
     lines.append(f"| 255 | ignore | | | | {100 * stats['ignore_share']:.2f}% | |")
@@ -234,6 +169,8 @@ def render_card(store: Any, splits: Mapping[str, int] | None = None) -> str:
     config = store.manifest.get("config", {})
     model = str(config.get("model", "unknown"))
     stats = store_statistics(store)
+    # the classes this dataset was made for, and any other that shows up
+    rows = class_rows(stats, also=config.get("classes") or store.class_names.values())
     meta = card_metadata(store, splits)
     load_args = {
         key: config[key]
@@ -265,20 +202,20 @@ def render_card(store: Any, splits: Mapping[str, int] | None = None) -> str:
         if license_id != "other"
         else f"the license of the model that drew the images (`{model}`): check its model card"
     )
-    sizes = ", ".join(f"{w}x{h}" for w, h in stats["image_sizes"]) or "none"
+    sizes = ", ".join(sorted(stats["image_sizes"])) or "none"
     quality = stats["quality"]
     values = {
         "pretty_name": meta["pretty_name"],
         "name": definition.name,
         "description": definition.description or definition.title or definition.name,
-        "num_samples": str(stats["num_samples"]),
+        "num_samples": str(stats["samples"]),
         "num_classes": str(len(definition.classes)),
         "image_sizes": sizes,
         "model": model,
         "model_license": license_text,
-        "class_table": _class_table(stats, definition.palette()),
+        "class_table": _class_table(stats, rows, definition.palette()),
         "config_table": _config_table(config),
-        "split_table": _split_table(splits, stats["num_samples"]),
+        "split_table": _split_table(splits, stats["samples"]),
         "fingerprint": store.manifest.get("fingerprint", ""),
         "quality_mean": f"{quality['mean']:.3f}",
         "quality_median": f"{quality['median']:.3f}",

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.sample import IGNORE
+
+MIN_TILE = 128  # pixels a side: the smallest cell in which a mask can be judged
 
 # Distinct, saturated overlay colours for class ids 1, 2, ...; 255 (ignore) is white.
 PALETTE = np.array(
@@ -72,9 +76,10 @@ def contact_sheet(
     """Write a PNG grid: each cell shows an image with its mask overlaid.
 
     images: PIL images or HxWx3 uint8 arrays; masks: HxW integer arrays (0 background,
-    1..N class ids, 255 ignore), one per image. `tile` sets the cell side in pixels
-    (default: the first image's width, at least 128, scaled with nearest-neighbour so
-    small images stay sharp). Returns the written path.
+    1..N class ids, 255 ignore), one per image. `tile` sets the cell side in pixels,
+    MIN_TILE (128) or more so that a mask can be judged at a glance (default: the first
+    image's width, at least MIN_TILE; small images are scaled up with nearest-neighbour so
+    they stay sharp). Returns the written path.
     """
     if len(images) != len(masks):
         raise DiffuMaskError(f"{len(images)} images but {len(masks)} masks; pass one mask each")
@@ -82,8 +87,13 @@ def contact_sheet(
         raise DiffuMaskError("contact_sheet needs at least one image")
     if columns < 1:
         raise DiffuMaskError(f"columns must be at least 1, got {columns}")
+    if tile is not None and tile < MIN_TILE:
+        raise DiffuMaskError(
+            f"tile={tile} px is too small to judge a mask; give {MIN_TILE} or more (or leave "
+            "it out)"
+        )
     arrays = [np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images]
-    side = tile or max(arrays[0].shape[1], 128)
+    side = tile or max(arrays[0].shape[1], MIN_TILE)
     cells = []
     for image, mask in zip(arrays, masks, strict=True):
         blended = Image.fromarray(overlay(image, np.asarray(mask)))
@@ -102,3 +112,11 @@ def contact_sheet(
     sheet.save(tmp)
     tmp.replace(path)
     return path
+
+
+def write_contact_sheet(store: Any, limit: int = 32) -> Path:
+    """A PNG grid of the store's first `limit` samples with their masks overlaid, written
+    beside the shards as contact_sheet.png; returns its path."""
+    records = list(islice(store.records(), limit))
+    path = Path(store.path) / "contact_sheet.png"
+    return contact_sheet([r.image for r in records], [r.mask for r in records], path)

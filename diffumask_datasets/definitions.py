@@ -66,7 +66,7 @@ CLASS_KEYS = (
 )  # fmt: skip
 PRIOR_KEYS = ("area",)
 REQUIRED_CLASS_KEYS = ("id", "name", "prompt")
-# Generation settings a definition may set (a subset of build.GenerationConfig's fields).
+# Generation settings a definition may set (a subset of config.GenerationConfig's fields).
 DEFAULT_KEYS = (
     "model",
     "images_per_class",
@@ -349,6 +349,16 @@ def mentions(prompt: str, phrase: str) -> bool:
     return re.search(pattern, prompt.lower()) is not None
 
 
+def render(template: str, cls: ClassDef, sub_class: str = "", other: ClassDef | None = None) -> str:
+    """Fill a template; an empty sub-class leaves no double space, and "a" before a vowel
+    becomes "an" ("a photo of a aeroplane" reads badly and is rarer in the model's data)."""
+    text = template.replace("{class}", cls.prompt).replace("{sub_class}", sub_class)
+    if other is not None:
+        text = text.replace("{other}", other.prompt)
+    text = re.sub(r"\s+", " ", text).strip()
+    return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])(?!(?i:eu|uni|use|one|once|ur))", r"\1n ", text)
+
+
 def _prior(value: Any, where: str) -> dict[str, tuple[float, float]]:
     if value is None:
         return {}
@@ -500,8 +510,6 @@ def _parse(data: Any, source: str) -> Definition:
 def _check_prompts_name_their_class(definition: Definition) -> None:
     # The masks come from the attention on the class words: a prompt that never names its
     # class gives an empty mask, so refuse such a definition when it is loaded.
-    from diffumask_datasets.prompts import render
-
     for cls in definition.classes:
         for template in definition.templates_for(cls):
             for sub_class in cls.sub_classes or ("",):

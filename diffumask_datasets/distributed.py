@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffumask_datasets.build import EngineHolder, GenerationConfig, make_shard, plan_for
+from diffumask_datasets.config import GenerationConfig
 from diffumask_datasets.definitions import Definition
 from diffumask_datasets.errors import DiffuMaskError, one_line
+from diffumask_datasets.shards import EngineHolder, make_shard, plan_for
 from diffumask_datasets.store import MANIFEST, Digest, Store, file_digest, open_store
 
 RAY_MISSING = 'Ray is not installed: pip install "diffumask-datasets[ray]"'

@@ -11,13 +11,12 @@ definition has that many ("Photo of a {sub-class} {class}", the paper's prompt d
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from diffumask_datasets.definitions import ClassDef, Definition
+from diffumask_datasets.definitions import ClassDef, Definition, render
 from diffumask_datasets.errors import DiffuMaskError
 
 
@@ -28,16 +27,6 @@ class PlanItem:
     class_ids: tuple[int, ...]  # the classes the prompt names, main class first
     seed: int  # the diffusion seed of this image
     class_names: tuple[str, ...]
-
-
-def render(template: str, cls: ClassDef, sub_class: str = "", other: ClassDef | None = None) -> str:
-    """Fill a template; an empty sub-class leaves no double space, and "a" before a vowel
-    becomes "an" ("a photo of a aeroplane" reads badly and is rarer in the model's data)."""
-    text = template.replace("{class}", cls.prompt).replace("{sub_class}", sub_class)
-    if other is not None:
-        text = text.replace("{other}", other.prompt)
-    text = re.sub(r"\s+", " ", text).strip()
-    return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])(?!(?i:eu|uni|use|one|once|ur))", r"\1n ", text)
 
 
 def _sample_seed(base: int, index: int) -> int:

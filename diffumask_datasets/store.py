@@ -33,6 +33,7 @@ open as before, and their shards are checked for readability only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -271,8 +272,12 @@ def _writer_gone(tag: str) -> bool:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{_writer_tag()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -310,11 +315,16 @@ def _write_parquet_atomic(rows: list[dict], features, destination: Path, work_di
     # The table datasets builds carries its Features in the schema metadata
     # ("huggingface"), which is what lets `load_dataset("parquet")` type the columns.
     table = datasets.Dataset.from_list(rows, features=features).data.table
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    digest = file_digest(tmp)
-    os.replace(tmp, destination)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        digest = file_digest(tmp)
+        os.replace(tmp, destination)
+    except BaseException:
+        # A part-written file would only take up the space a retry needs.
+        tmp.unlink(missing_ok=True)
+        raise
     return digest
 
 
@@ -442,13 +452,24 @@ class Store:
         expected = len(self.shard_range(shard))
         if len(rows) != expected:
             raise ValueError(f"shard {shard} needs {expected} records, got {len(rows)}")
-        (self.path / DATA_DIR).mkdir(parents=True, exist_ok=True)
-        digest = _write_parquet_atomic(
-            rows, self.features, self.shard_path(shard), self.path / WORK_DIR
-        )
-        self.written[shard] = digest
-        if self.record_digests:
-            self.record_digest(shard, digest)
+        try:
+            (self.path / DATA_DIR).mkdir(parents=True, exist_ok=True)
+            digest = _write_parquet_atomic(
+                rows, self.features, self.shard_path(shard), self.path / WORK_DIR
+            )
+            self.written[shard] = digest
+            if self.record_digests:
+                self.record_digest(shard, digest)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            kept = len(self.complete_shards())
+            raise DiffuMaskError(
+                f"no space left on the device while writing shard {shard} to "
+                f"{self.shard_path(shard)}; free some space there, then run the same command "
+                f"with --resume (or the same load_dataset call) to continue: the {kept} "
+                "finished shards are kept"
+            ) from exc
         return digest
 
     # digests
@@ -562,7 +583,7 @@ class Store:
             if shard not in digests and self._footer_problem(shard) is None:
                 self.record_digest(shard, file_digest(self.shard_path(shard)))
 
-    def shard_records(self, shard: int) -> Iterator[Record]:
+    def _read_shard(self, shard: int, columns: Sequence[str] | None = None):
         import pyarrow.parquet as pq
 
         path = self.shard_path(shard)
@@ -571,8 +592,25 @@ class Store:
                 f"store {str(self.path)!r} lacks shard {shard} ({path.name}); it is incomplete: "
                 "resume its generation (diffumask generate ... --resume)"
             )
-        table = pq.read_table(path)
-        yield from _decode_rows(table, self.class_names)
+        return pq.read_table(path, columns=None if columns is None else list(columns))
+
+    def shard_records(self, shard: int) -> Iterator[Record]:
+        yield from _decode_rows(self._read_shard(shard), self.class_names)
+
+    def masks(self) -> Iterator[tuple[np.ndarray, list[str], float]]:
+        """Every sample's (mask, class names its prompt names, quality), in order; reads
+        only those columns (no image, no attention decoded)."""
+        names = self.class_names
+        for shard in range(self.num_shards):
+            table = self._read_shard(shard, ("mask", "classes", "quality"))
+            for cell, classes, quality in zip(
+                table.column("mask").to_pylist(),
+                table.column("classes").to_pylist(),
+                table.column("quality").to_pylist(),
+                strict=True,
+            ):
+                mask = np.asarray(Image.open(io.BytesIO(cell["bytes"])), dtype=np.uint8)
+                yield mask, [names[i] for i in classes], float(quality)
 
     def records(self) -> Iterator[Record]:
         """Every sample, in order."""

@@ -4,7 +4,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
 
 from diffumask_datasets.capture import CaptureOptions, trace
-from diffumask_datasets.capture.unet import CaptureProcessor, _Store, layer_factors
+from diffumask_datasets.capture.unet import CaptureProcessor, _Sums, layer_factors
 from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.models import load_pipeline
 
@@ -28,24 +28,24 @@ def latents(n, seed=0):
 @pytest.mark.parametrize("kernel", ["cpu-log-sum-exp", "generic"])
 def test_probabilities_equal_reference_softmax(pipe, kernel, monkeypatch):
     if kernel == "generic":  # the path used on GPUs and with attention masks
-        monkeypatch.setattr("diffumask_datasets.capture.store._CPU_FLASH", None)
+        monkeypatch.setattr("diffumask_datasets.capture.sums._CPU_FLASH", None)
     attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     torch.manual_seed(0)
     prompts, queries = 2, 64
     hidden = torch.randn(2 * prompts, queries, attn.query_dim)
     context = torch.randn(2 * prompts, 77, attn.cross_attention_dim)
     columns = [[1, 2], [5]]
-    store = _Store(columns, CaptureOptions())
-    store.begin_step(torch.zeros(1, 4, 8, 8))
+    sums = _Sums(columns, CaptureOptions())
+    sums.begin_step(torch.zeros(1, 4, 8, 8))
     with torch.no_grad():
-        CaptureProcessor(store, cross=True)(attn, hidden, context)
+        CaptureProcessor(sums, cross=True)(attn, hidden, context)
         q = attn.to_q(hidden[prompts:])
         k = attn.to_k(context[prompts:])
     heads, dim = attn.heads, q.shape[-1] // attn.heads
     q = q.view(prompts, queries, heads, dim).transpose(1, 2)
     k = k.view(prompts, 77, heads, dim).transpose(1, 2)
     reference = torch.softmax(q @ k.transpose(-1, -2) * dim**-0.5, dim=-1).mean(dim=1)
-    got = store.result().cross[(8, 8)]  # [prompts, columns, 8, 8]
+    got = sums.result().cross[(8, 8)]  # [prompts, columns, 8, 8]
     for p, cols in enumerate(columns):
         for c, token in enumerate(cols):
             expected = reference[p, :, token].reshape(8, 8).numpy()
@@ -56,15 +56,15 @@ def test_affinity_equals_reference_self_attention(pipe):
     attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     torch.manual_seed(1)
     hidden = torch.randn(2, 64, attn.query_dim)
-    store = _Store([[5]], CaptureOptions())
-    store.begin_step(torch.zeros(1, 4, 8, 8))
+    sums = _Sums([[5]], CaptureOptions())
+    sums.begin_step(torch.zeros(1, 4, 8, 8))
     with torch.no_grad():
-        out = CaptureProcessor(store, cross=False)(attn, hidden)
+        out = CaptureProcessor(sums, cross=False)(attn, hidden)
         expected_out = AttnProcessor2_0()(attn, hidden)
         q = attn.to_q(hidden[1:]).view(1, 64, attn.heads, -1).transpose(1, 2)
         k = attn.to_k(hidden[1:]).view(1, 64, attn.heads, -1).transpose(1, 2)
     reference = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1).mean(1)
-    affinity = (store.affinity / store.affinity_adds).numpy()
+    affinity = (sums.affinity / sums.affinity_adds).numpy()
     np.testing.assert_allclose(affinity, reference.numpy(), rtol=1e-5, atol=1e-7)
     assert torch.equal(out, expected_out)
 
@@ -266,7 +266,7 @@ def test_only_cross_attention_unet_reads_both_text_layers():
 
 
 def test_attention_with_lse_is_sdpa_bit_for_bit_plus_the_log_sum_exp():
-    from diffumask_datasets.capture.store import attention_with_lse
+    from diffumask_datasets.capture.sums import attention_with_lse
 
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
@@ -280,7 +280,7 @@ def test_attention_with_lse_is_sdpa_bit_for_bit_plus_the_log_sum_exp():
 def test_the_log_sum_exp_kernel_is_taken_only_where_sdpa_runs_it():
     from torch.nn.attention import SDPBackend
 
-    from diffumask_datasets.capture.store import lse_kernel
+    from diffumask_datasets.capture.sums import lse_kernel
 
     assert lse_kernel("cpu", SDPBackend.FLASH_ATTENTION) is not None
     assert lse_kernel("cuda", SDPBackend.CUDNN_ATTENTION) is not None
@@ -296,11 +296,11 @@ def test_the_log_sum_exp_kernel_is_taken_only_where_sdpa_runs_it():
 
 
 def test_no_kernel_log_sum_exp_falls_back_to_sdpa(monkeypatch):
-    from diffumask_datasets.capture import store
+    from diffumask_datasets.capture import sums
 
-    monkeypatch.setattr(store, "lse_kernel", lambda *args: None)
+    monkeypatch.setattr(sums, "lse_kernel", lambda *args: None)
     q, k, v = (torch.randn(1, 2, 8, 8) for _ in range(3))
-    out, lse = store.attention_with_lse(q, k, v)
+    out, lse = sums.attention_with_lse(q, k, v)
     assert lse is None
     assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
@@ -309,15 +309,15 @@ def test_no_kernel_log_sum_exp_falls_back_to_sdpa(monkeypatch):
 def test_affinity_from_the_kernels_log_sum_exp_in_chunks(dtype, monkeypatch):
     """The lean affinity (kernel log-sum-exp, products in the inputs' precision, chunks of
     queries) against a float32 softmax: equal in float32, within 2% in bfloat16."""
-    from diffumask_datasets.capture import store
+    from diffumask_datasets.capture import sums
 
     torch.manual_seed(3)
     q, k = torch.randn(2, 4, 64, 16), torch.randn(2, 4, 64, 16)
     reference = torch.softmax(q @ k.mT * 16**-0.5, dim=-1).mean(dim=1)
-    monkeypatch.setattr(store, "CHUNK_ELEMENTS", 2 * 4 * 64 * 5)  # 5 queries a chunk
+    monkeypatch.setattr(sums, "CHUNK_ELEMENTS", 2 * 4 * 64 * 5)  # 5 queries a chunk
     q, k = q.to(dtype), k.to(dtype)
-    _, lse = store.attention_with_lse(q, k, k)
-    got = store.mean_attention(q, k, lse=lse)
+    _, lse = sums.attention_with_lse(q, k, k)
+    got = sums.mean_attention(q, k, lse=lse)
     assert got.dtype == torch.float32 and got.shape == (2, 64, 64)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, reference, rtol=tolerance, atol=tolerance / 64)

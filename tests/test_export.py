@@ -212,6 +212,24 @@ def test_export_refuses_unknown_class_ids(tmp_path):
         export_coco(records, CLASS_NAMES, tmp_path / "C")
 
 
+@pytest.mark.parametrize("fmt", ["voc", "coco", "hf"])
+def test_every_format_checks_its_records_in_one_loop(tmp_path, fmt):
+    """The one checked loop: a sample given twice and a mask of another size are refused
+    by every format, and nothing is left at the destination."""
+    write = {"voc": export_voc, "coco": export_coco}.get(fmt) or (
+        lambda *a, **k: export_hf(*a, card="# c\n", **k)
+    )
+    twice = make_records(2)
+    twice[1].index = twice[0].index
+    with pytest.raises(DiffuMaskError, match="sample 0 appears twice"):
+        write(with_attention(twice), CLASS_NAMES, tmp_path / "twice")
+    shrunk = make_records(2)
+    shrunk[1].mask = shrunk[1].mask[:-1]
+    with pytest.raises(DiffuMaskError, match="does not match its"):
+        write(with_attention(shrunk), CLASS_NAMES, tmp_path / "shrunk")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_refuses_a_destination_overlapping_the_store(tmp_path):
     store = tmp_path / "store"
     store.mkdir()

@@ -23,6 +23,7 @@ foo = pytest.importorskip("fiftyone.operators")
 from click.testing import CliRunner  # noqa: E402
 from fiftyone_data import CLASS_IDS, make_store  # noqa: E402
 
+from diffumask_datasets.cli.fiftyone import plugin as plugin_command  # noqa: E402
 from diffumask_datasets.errors import DiffuMaskError  # noqa: E402
 from diffumask_datasets.fiftyone import (  # noqa: E402
     DiffuMaskDataset,
@@ -31,7 +32,6 @@ from diffumask_datasets.fiftyone import (  # noqa: E402
     ops,  # noqa: E402
     to_fiftyone,
 )
-from diffumask_datasets.fiftyone.commands import plugin as plugin_command  # noqa: E402
 from diffumask_datasets.fiftyone.media import INDEX_NAME  # noqa: E402
 from diffumask_datasets.store import open_store  # noqa: E402
 
@@ -374,7 +374,7 @@ def test_app_command_errors_are_one_line(tmp_path):
 
 def test_commands_module_does_not_import_fiftyone():
     code = (
-        "import sys; import diffumask_datasets.fiftyone.commands as c; "
+        "import sys; import diffumask_datasets.cli.fiftyone as c; "
         "assert 'fiftyone' not in sys.modules, 'fiftyone imported'; print(c.app.name)"
     )
     out = subprocess.run(
@@ -507,16 +507,24 @@ def test_tag_and_exclude_operator(plugins_dir, dataset):
     )
 
 
-def test_class_statistics_operator(plugins_dir, dataset):
+def test_class_statistics_operator(plugins_dir, dataset, store_dir):
     rows = run("class_statistics", dataset, params={}).result["rows"]
-    by_class = {row["class"]: row for row in rows}
+    by_class = {row["name"]: row for row in rows}
     assert set(by_class) == {"bird", "dog"}
+    # the figures and keys of `diffumask info` and the card, for the same samples
+    from diffumask_datasets.statistics import store_statistics
+
+    info = store_statistics(open_store(store_dir))["classes"]
+    for name, row in by_class.items():
+        assert set(row) == set(info[name])
+        for key, value in info[name].items():
+            assert row[key] == pytest.approx(value, abs=1e-5), (name, key)
     masks = [s.ground_truth.get_mask() for s in dataset.iter_samples()]
     for name, class_id in CLASS_IDS.items():
         shares = [np.mean(m == class_id) for m in masks if (m == class_id).any()]
         row = by_class[name]
-        assert row["samples"] == 6
-        assert row["samples_with_pixels"] == len(shares)
+        assert row["prompted_images"] == 6
+        assert row["images_with_pixels"] == len(shares)
         assert row["mean_area"] == pytest.approx(np.mean(shares), abs=1e-5)
         assert row["max_area"] == pytest.approx(np.max(shares), abs=1e-5)
         everything = np.mean([np.mean(m == class_id) for m in masks])

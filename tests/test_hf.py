@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import diffumask_datasets.hf  # noqa: F401  (registers the names where no .pth is installed)
+import diffumask_datasets.datasets_builder  # noqa: F401  (registers the names where no .pth is installed)
 from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.resources import builders_dir
 
@@ -168,7 +168,7 @@ KILLED = textwrap.dedent(
     """
     import sys, time, torch
     torch.set_num_threads(1)
-    import diffumask_datasets.hf
+    import diffumask_datasets.datasets_builder
     from diffumask_datasets import store
 
     # a pause after each shard, so the kill lands mid-run however fast the machine is

@@ -41,7 +41,7 @@ def options(pipe, **kwargs):
 @pytest.mark.parametrize("kernel", ["cpu-log-sum-exp", "generic"])
 def test_capture_does_not_change_the_image(pipe, kernel, monkeypatch):
     if kernel == "generic":  # the path of GPUs, masks and other attention backends
-        monkeypatch.setattr("diffumask_datasets.capture.store._CPU_FLASH", None)
+        monkeypatch.setattr("diffumask_datasets.capture.sums._CPU_FLASH", None)
     plain = run(pipe)
     with trace(pipe, tokens(pipe), options(pipe, affinity_factor=1)) as cap:
         captured = run(pipe)
@@ -93,7 +93,7 @@ def test_probabilities_equal_a_reference_softmax_over_the_joint_row(
     """The kept probabilities are those of the whole joint row (text and image keys, RoPE
     on FLUX.1), in the joint (double-stream) and FLUX.1's single-stream blocks."""
     if kernel == "generic":
-        monkeypatch.setattr("diffumask_datasets.capture.store._CPU_FLASH", None)
+        monkeypatch.setattr("diffumask_datasets.capture.sums._CPU_FLASH", None)
     model = load_pipeline(name).transformer
     flux = isinstance(model, capture_mmdit.FluxTransformer2DModel)
     kept = []
@@ -106,8 +106,8 @@ def test_probabilities_equal_a_reference_softmax_over_the_joint_row(
     torch.manual_seed(0)
     prompts, images, text = 2, 16, 12
     columns = [[1, 3], [7]]
-    store = capture_mmdit._Store(columns, CaptureOptions(conditional_half=not flux), "test")
-    store.begin_call(torch.tensor([500.0]), (4, 4), text)
+    sums = capture_mmdit._Sums(columns, CaptureOptions(conditional_half=not flux), "test")
+    sums.begin_call(torch.tensor([500.0]), (4, 4), text)
     rows = prompts if flux else 2 * prompts
     rotary = None
     if flux:
@@ -119,10 +119,10 @@ def test_probabilities_equal_a_reference_softmax_over_the_joint_row(
         context = torch.randn(rows, text, attn.added_kv_proj_dim)
         processor = (
             capture_mmdit.FluxCaptureProcessor(
-                store, model.attn_processors["transformer_blocks.0.attn.processor"], False
+                sums, model.attn_processors["transformer_blocks.0.attn.processor"], False
             )
             if flux
-            else capture_mmdit.JointCaptureProcessor(store, False)
+            else capture_mmdit.JointCaptureProcessor(sums, False)
         )
         with torch.no_grad():
             processor(attn, hidden, context, image_rotary_emb=rotary) if flux else processor(
@@ -133,7 +133,7 @@ def test_probabilities_equal_a_reference_softmax_over_the_joint_row(
         attn = model.single_transformer_blocks[0].attn
         hidden = torch.randn(rows, text + images, attn.query_dim)
         processor = capture_mmdit.FluxCaptureProcessor(
-            store, model.attn_processors["single_transformer_blocks.0.attn.processor"], False
+            sums, model.attn_processors["single_transformer_blocks.0.attn.processor"], False
         )
         with torch.no_grad():
             processor(attn, hidden, image_rotary_emb=rotary)
@@ -310,7 +310,7 @@ def test_sd3_through_the_cli_exports_and_fiftyone(tmp_path):
 def test_flux_through_load_dataset(tmp_path, monkeypatch):
     from datasets import load_dataset
 
-    import diffumask_datasets.hf  # noqa: F401  (registers the names)
+    import diffumask_datasets.datasets_builder  # noqa: F401  (registers the names)
 
     monkeypatch.chdir(tmp_path)
     ds = load_dataset(

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from diffumask_datasets import build
+from diffumask_datasets import shards
 from diffumask_datasets.build import GenerationConfig, build_dataset
 from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.overlap import overlapped
@@ -100,7 +100,7 @@ def digest(path) -> dict[str, str]:
 
 def test_overlapped_build_is_the_serial_build_byte_for_byte(tmp_path, tiny, monkeypatch):
     overlapped_store = build_dataset(tmp_path / "a", "voc", config(), progress=False, engine=tiny)
-    monkeypatch.setattr(build, "overlapped", serial)
+    monkeypatch.setattr(shards, "overlapped", serial)
     serial_store = build_dataset(tmp_path / "b", "voc", config(), progress=False, engine=tiny)
     assert digest(overlapped_store.path) == digest(serial_store.path)
     assert len(digest(serial_store.path)) == 3  # the manifest and two shards

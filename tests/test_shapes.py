@@ -200,11 +200,16 @@ def test_contact_sheet_grid_and_overlay(tmp_path):
         [s.mask for s in scenes],
         tmp_path / "s.png",
         columns=3,
-        tile=64,
+        tile=160,
         gap=2,
     )
     sheet = np.asarray(Image.open(path))
-    assert sheet.shape == (2 * 64 + 3 * 2, 3 * 64 + 4 * 2, 3)
+    assert sheet.shape == (2 * 160 + 3 * 2, 3 * 160 + 4 * 2, 3)
+    # small images get cells of 128 px, readable at a glance; smaller cells are refused
+    small = contact_sheet([scenes[0].image], [scenes[0].mask], tmp_path / "t.png", gap=0)
+    assert scenes[0].image.shape[1] < 128 and Image.open(small).size == (128, 128)
+    with pytest.raises(DiffuMaskError, match="tile=64 px is too small.*128"):
+        contact_sheet([scenes[0].image], [scenes[0].mask], tmp_path / "u.png", tile=64)
     blended = overlay(scenes[0].image, scenes[0].mask)
     assert (blended[scenes[0].mask == 0] == scenes[0].image[scenes[0].mask == 0]).all()
     assert (blended[scenes[0].mask > 0] != scenes[0].image[scenes[0].mask > 0]).any()

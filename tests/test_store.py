@@ -425,9 +425,9 @@ def test_card_validation_names_what_the_hub_would_refuse(built, old, new, named)
 
 
 def test_definition_pairing_default_is_dropped_for_a_single_class():
-    from diffumask_datasets.build import plan_for
     from diffumask_datasets.definitions import load_definition
     from diffumask_datasets.resources import builders_dir
+    from diffumask_datasets.shards import plan_for
 
     fruit = load_definition(builders_dir() / "diffumask" / "example.yaml")
     assert fruit.defaults["two_classes"] == 0.25

@@ -1,6 +1,6 @@
 """Capture a diffusion model's attention while it denoises.
 
-One module per architecture family over one shared store of running sums: `unet` (SD 1.x,
+One module per architecture family over one shared set of running sums: `unet` (SD 1.x,
 2.x, SDXL: cross-attention layers) and `mmdit` (SD3, SD3.5, FLUX.1: joint attention).
 `trace` chooses by the pipeline's denoiser (`pipe.unet` or `pipe.transformer`).
 
@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 from ..errors import DiffuMaskError
-from .store import Capture, Captured, CaptureOptions
+from .sums import Capture, Captured, CaptureOptions
 
 __all__ = ["Capture", "CaptureOptions", "Captured", "default_affinity_factor", "denoiser", "trace"]
 

@@ -5,7 +5,7 @@ Text and image tokens attend together in one sequence: SD3 puts the image first,
 RoPE to both. An image query's probabilities for the class tokens are normalised over the
 whole joint row (text and image keys), as the model computes them, and kept only for the
 class columns; they come from the attention kernel's own log-sum-exp where that kernel is
-the stock one (CPU), else from a chunked float32 pass (see store.attend_keeping_columns).
+the stock one (CPU), else from a chunked float32 pass (see sums.attend_keeping_columns).
 
 Each layer's map of a kept token is normalised over the image before it is added (per-token
 spatial normalisation): T5's padding tokens soak up much of every row's attention in
@@ -40,7 +40,14 @@ from diffusers.models.transformers.transformer_flux import (
 )
 
 from ..errors import DiffuMaskError
-from .store import Capture, CaptureOptions, Store, attend_keeping_columns, mean_attention
+from .sums import (
+    Capture,
+    CaptureOptions,
+    RunningSums,
+    attend_keeping_columns,
+    mean_attention,
+    to_heads,
+)
 
 SUPPORTED = (SD3Transformer2DModel, FluxTransformer2DModel)
 # The stock processors CaptureProcessor reproduces exactly; anything else (fused
@@ -117,7 +124,7 @@ class ConceptStream:
         return probs.gather(-1, index.expand(probs.shape[0], probs.shape[1], index.shape[-1]))
 
 
-class _Store(Store):
+class _Sums(RunningSums):
     """The shared running sums, placed on the transformer's grid of image tokens."""
 
     def __init__(
@@ -193,11 +200,11 @@ def spatially_normalised(maps: torch.Tensor) -> torch.Tensor:
 
 class JointCaptureProcessor:
     """Computes what SD3's JointAttnProcessor2_0 computes (image first, then text), letting
-    the store attend for the rows it reads. SD3.5's image-only `attn2` layers keep their
+    the running sums attend for the rows it reads. SD3.5's image-only `attn2` layers keep their
     own processor."""
 
-    def __init__(self, store: _Store, affinity: bool):
-        self.store = store
+    def __init__(self, sums: _Sums, affinity: bool):
+        self.sums = sums
         self.affinity = affinity
         self.stock = JointAttnProcessor2_0()
 
@@ -205,39 +212,34 @@ class JointCaptureProcessor:
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *a, **kw
     ):
         # (the stock processor ignores attention_mask; so does this one)
-        if encoder_hidden_states is None or not self.store.active:
+        if encoder_hidden_states is None or not self.sums.active:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, *a, **kw)
         residual = hidden_states
         batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        context_query = attn.add_q_proj(encoder_hidden_states)
-        context_key = attn.add_k_proj(encoder_hidden_states)
-        context_value = attn.add_v_proj(encoder_hidden_states)
-        context_query = context_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        context_key = context_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        context_value = context_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_added_q is not None:
-            context_query = attn.norm_added_q(context_query)
-        if attn.norm_added_k is not None:
-            context_key = attn.norm_added_k(context_key)
+        image, text = hidden_states, encoder_hidden_states
+        query, key, value = to_heads(
+            attn.to_q(image),
+            attn.to_k(image),
+            attn.to_v(image),
+            attn.heads,
+            attn.norm_q,
+            attn.norm_k,
+        )
+        head_dim = key.shape[-1]
+        context_query, context_key, context_value = to_heads(
+            attn.add_q_proj(text),
+            attn.add_k_proj(text),
+            attn.add_v_proj(text),
+            attn.heads,
+            attn.norm_added_q,
+            attn.norm_added_k,
+        )
         query = torch.cat([query, context_query], dim=2)
         key = torch.cat([key, context_key], dim=2)
         value = torch.cat([value, context_value], dim=2)
 
         images = residual.shape[1]
-        hidden_states = self.store.attend(
+        hidden_states = self.sums.attend(
             query, key, value, slice(0, images), slice(images, None), self.affinity
         )
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
@@ -268,14 +270,14 @@ def _native_backend(processor) -> bool:
 
 class FluxCaptureProcessor:
     """Computes what FLUX.1's FluxAttnProcessor computes (text first, then image, RoPE on
-    both), letting the store attend for the rows it reads. Double-stream blocks hand the
+    both), letting the running sums attend for the rows it reads. Double-stream blocks hand the
     text in separately; single-stream blocks hand one joined sequence, whose text length
-    the store was told at the start of the transformer call."""
+    the running sums were told at the start of the transformer call."""
 
     def __init__(
-        self, store: _Store, stock: FluxAttnProcessor, affinity: bool, concept_map: bool = False
+        self, sums: _Sums, stock: FluxAttnProcessor, affinity: bool, concept_map: bool = False
     ):
-        self.store = store
+        self.sums = sums
         self.stock = stock
         self.affinity = affinity
         self.concept_map = concept_map  # map_kind "concept": this block's maps are kept
@@ -296,7 +298,7 @@ class FluxCaptureProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb=None,
     ) -> torch.Tensor:
-        if not self.store.active:
+        if not self.sums.active:
             return self.stock(
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
             )
@@ -322,7 +324,7 @@ class FluxCaptureProcessor:
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         text = (
-            encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.store.text
+            encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.sums.text
         )
         plain = mask = None
         if attention_mask is not None or not _native_backend(self.stock):
@@ -341,17 +343,15 @@ class FluxCaptureProcessor:
                 mask = attention_mask if attention_mask.ndim == 4 else attention_mask[:, None, None]
         # [batch, heads, sequence, dim] views, as the native backend hands them to SDPA
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-        out = self.store.attend(
+        out = self.sums.attend(
             q, k, v, slice(text, None), slice(0, text), self.affinity, mask=mask, plain=plain
         )
-        if self.store.stream is not None:
-            rows = self.store.rows
-            concept_out = self.store.stream.attend(attn, key[rows:], value[rows:], text)
+        if self.sums.stream is not None:
+            rows = self.sums.rows
+            concept_out = self.sums.stream.attend(attn, key[rows:], value[rows:], text)
             if self.concept_map:
                 image_out = out[rows:, :, text:].transpose(1, 2).flatten(2, 3)
-                self.store.add_cross(
-                    self.store.stream.maps(image_out, concept_out), self.store.grid
-                )
+                self.sums.add_cross(self.sums.stream.maps(image_out, concept_out), self.sums.grid)
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
@@ -494,29 +494,29 @@ def trace(
             )
     flux = isinstance(model, FluxTransformer2DModel)
     concepts = concepts if options.map_kind == "concept" else None
-    store = _Store(tokens, options, "FLUX.1" if flux else "SD3", concepts)
+    sums = _Sums(tokens, options, "FLUX.1" if flux else "SD3", concepts)
     processors = dict(originals)
     for name, (affinity, concept_map) in selected.items():
         if flux:
-            processors[name] = FluxCaptureProcessor(store, originals[name], affinity, concept_map)
+            processors[name] = FluxCaptureProcessor(sums, originals[name], affinity, concept_map)
         else:
-            processors[name] = JointCaptureProcessor(store, affinity)
+            processors[name] = JointCaptureProcessor(sums, affinity)
 
     def begin_call(module, args, kwargs):
-        store.begin_call(kwargs["timestep"], *_grid(module, args, kwargs))
-        if store.stream is not None and store.active:
-            store.stream.start(module)
+        sums.begin_call(kwargs["timestep"], *_grid(module, args, kwargs))
+        if sums.stream is not None and sums.active:
+            sums.stream.start(module)
 
     def before_block(block, args, kwargs):
-        if store.active:
-            store.stream.before_block(block, kwargs["temb"])
+        if sums.active:
+            sums.stream.before_block(block, kwargs["temb"])
 
     def after_block(block, args, output):
-        if store.active:
-            store.stream.after_block(block)
+        if sums.active:
+            sums.stream.after_block(block)
 
     hooks = [model.register_forward_pre_hook(begin_call, with_kwargs=True)]
-    if store.stream is not None:
+    if sums.stream is not None:
         streamed = {int(name.split(".")[1]) for name in selected if name.startswith("transformer_")}
         for index in sorted(streamed):
             block = model.transformer_blocks[index]
@@ -524,7 +524,7 @@ def trace(
             hooks.append(block.register_forward_hook(after_block))
     try:
         model.set_attn_processor(processors)
-        yield Capture(store, {name: 1 for name in selected})
+        yield Capture(sums, {name: 1 for name in selected})
     finally:
         for hook in hooks:
             hook.remove()

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from ..errors import DiffuMaskError
-from .store import (
+from .sums import (
     Capture,
     CaptureOptions,
-    Store,
+    RunningSums,
     attend_keeping_columns,
     attention_with_lse,
     mean_attention,
+    to_heads,
 )
 
 # Processors whose computation CaptureProcessor reproduces exactly. Anything else
@@ -58,7 +59,7 @@ def cross_attention_layers(unet) -> set[str]:
     }
 
 
-class _Store(Store):
+class _Sums(RunningSums):
     """The shared running sums, placed on the UNet's resolutions."""
 
     def __init__(self, tokens: Sequence[Sequence[int]], options: CaptureOptions):
@@ -104,10 +105,10 @@ class _Store(Store):
 
 class CaptureProcessor:
     """An attention processor that computes what AttnProcessor2_0 computes, letting the
-    capture's store attend for the rows it reads (see _Store.attend)."""
+    capture's running sums attend for the rows it reads (see _Sums.attend)."""
 
-    def __init__(self, store: _Store, cross: bool):
-        self.store = store
+    def __init__(self, sums: _Sums, cross: bool):
+        self.sums = sums
         self.cross = cross
 
     def __call__(
@@ -140,20 +141,13 @@ class CaptureProcessor:
             context = hidden_states
         elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
+        query, key, value = to_heads(
+            query, attn.to_k(context), attn.to_v(context), attn.heads, attn.norm_q, attn.norm_k
+        )
+        head_dim = key.shape[-1]
 
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        if self.store.active:
-            out = self.store.attend(query, key, value, attention_mask, self.cross)
+        if self.sums.active:
+            out = self.sums.attend(query, key, value, attention_mask, self.cross)
         else:
             out = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
@@ -230,17 +224,17 @@ def trace(
                 "cannot read; call pipe.unet.set_attn_processor(AttnProcessor2_0()) "
                 "(or pipe.unet.set_default_attn_processor()) before generating"
             )
-    store = _Store(tokens, options)
+    sums = _Sums(tokens, options)
     processors = dict(originals)
     for name, (_, cross) in selected.items():
-        processors[name] = CaptureProcessor(store, cross)
+        processors[name] = CaptureProcessor(sums, cross)
     hook = unet.register_forward_pre_hook(
-        lambda module, args, kwargs: store.begin_step(args[0] if args else kwargs["sample"]),
+        lambda module, args, kwargs: sums.begin_step(args[0] if args else kwargs["sample"]),
         with_kwargs=True,
     )
     try:
         unet.set_attn_processor(processors)
-        yield Capture(store, {n: f for n, (f, _) in selected.items()})
+        yield Capture(sums, {n: f for n, (f, _) in selected.items()})
     finally:
         hook.remove()
         # set_attn_processor consumes the dict it is given

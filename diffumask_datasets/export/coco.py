@@ -26,15 +26,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import (
+from .common import (
     DEFAULT_VAL_FRACTION,
     SPLITS,
     ExportSummary,
     RecordLike,
     assign_splits,
     check_class_names,
-    check_mask,
-    progress_bar,
+    checked_records,
     sample_name,
     split_names,
     staged_destination,
@@ -103,10 +102,10 @@ def export_coco(
         flat_semantic.mkdir(parents=True)
         images: dict[int, dict[str, Any]] = {}
         annotations: dict[int, list[dict[str, Any]]] = {}
-        for record in progress_bar(records, total=total, desc="export coco", enabled=progress):
-            mask = check_mask(record, class_names)
-            if record.index in images:
-                raise ValueError(f"sample {record.index} appears twice in the records")
+        checked = checked_records(
+            records, class_names, total=total, progress=progress, desc="export coco"
+        )
+        for record, mask in checked:
             name = sample_name(record.index)
             record.image.convert("RGB").save(flat_images / f"{name}.png")
             Image.fromarray(mask).save(flat_semantic / f"{name}.png")

@@ -24,6 +24,7 @@ Hugging Face token needed; not exercised by the tests, which run offline).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import uuid
@@ -32,14 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DiffuMaskError
-from . import (
+from .common import (
     DEFAULT_VAL_FRACTION,
     ExportSummary,
     RecordLike,
     assign_splits,
     check_class_names,
-    check_mask,
-    progress_bar,
+    checked_records,
     split_names,
     staged_destination,
 )
@@ -120,20 +120,15 @@ def export_hf(
     objects = check_class_names(class_names)
     with_background = {0: dict(class_names).get(0, "background"), **objects}
     class_ids = {name: class_id for class_id, name in objects.items()}
-    records = iter(progress_bar(records, total=total, desc="export hf", enabled=progress))
-    first = next(records, None)
+    checked = checked_records(records, objects, total=total, progress=progress, desc="export hf")
+    first = next(checked, None)
     if first is None:
         raise DiffuMaskError("the dataset has no samples; there is nothing to export")
-    attention_size = store.attention_size if store is not None else _attention_size(first)
+    attention_size = store.attention_size if store is not None else _attention_size(first[0])
     features = store_features(with_background, attention_size)
 
     def rows():
-        seen = set()
-        for record in _chain(first, records):
-            check_mask(record, objects)
-            if record.index in seen:
-                raise ValueError(f"sample {record.index} appears twice in the records")
-            seen.add(record.index)
+        for record, _ in itertools.chain([first], checked):
             yield record_to_row(record, class_ids, attention_size)
 
     was_enabled = datasets.utils.logging.is_progress_bar_enabled()
@@ -143,13 +138,19 @@ def export_hf(
             cache = root / ".cache"
             # An explicit fingerprint: datasets would otherwise try to hash (pickle) the
             # generator, whose closure holds the store's record iterator.
-            full = datasets.Dataset.from_generator(
-                rows,
-                features=features,
-                cache_dir=str(cache),
-                keep_in_memory=False,
-                fingerprint=f"diffumask-export-{uuid.uuid4().hex}",
-            )
+            try:
+                full = datasets.Dataset.from_generator(
+                    rows,
+                    features=features,
+                    cache_dir=str(cache),
+                    keep_in_memory=False,
+                    fingerprint=f"diffumask-export-{uuid.uuid4().hex}",
+                )
+            except datasets.exceptions.DatasetGenerationError as exc:
+                # datasets wraps what the record loop refused; the refusal says the fix
+                if isinstance(exc.__cause__, DiffuMaskError):
+                    raise exc.__cause__ from None
+                raise
             indices = [int(i) for i in full["index"]]
             split_of = assign_splits(indices, val_fraction)
             names = split_names(split_of)
@@ -181,11 +182,6 @@ def export_hf(
     if push_to_hub:
         _push(Path(dest), push_to_hub, layout)
     return ExportSummary("hf", Path(dest).resolve(), names, {"layout": layout})
-
-
-def _chain(first: Any, rest: Iterable[Any]):
-    yield first
-    yield from rest
 
 
 def _write_parquet(dataset: Any, root: Path) -> dict[str, str]:

@@ -24,14 +24,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import (
+from .common import (
     DEFAULT_VAL_FRACTION,
     ExportSummary,
     RecordLike,
     assign_splits,
     check_class_names,
-    check_mask,
-    progress_bar,
+    checked_records,
     sample_name,
     split_names,
     staged_destination,
@@ -87,19 +86,17 @@ def export_voc(
         for folder in (images_dir, masks_dir, sets_dir):
             folder.mkdir(parents=True)
         indices: list[int] = []
-        seen: set[int] = set()
-        for record in progress_bar(records, total=total, desc="export voc", enabled=progress):
-            mask = check_mask(record, class_names)
+        checked = checked_records(
+            records, class_names, total=total, progress=progress, desc="export voc"
+        )
+        for record, mask in checked:
             name = sample_name(record.index)
-            if record.index in seen:
-                raise ValueError(f"sample {record.index} appears twice in the records")
             # 4:4:4 chroma keeps thin structures' colours next to the exact masks.
             record.image.convert("RGB").save(
                 images_dir / f"{name}.jpg", quality=JPEG_QUALITY, subsampling=0
             )
             palette_png(mask).save(masks_dir / f"{name}.png")
             indices.append(record.index)
-            seen.add(record.index)
         split_of = assign_splits(indices, val_fraction)
         splits = split_names(split_of)
         for split, names in splits.items():

@@ -15,18 +15,10 @@ Importing this package does not import fiftyone (the CLI imports it for `app` an
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DiffuMaskError
-from .media import (
-    MediaIndex,
-    Source,
-    default_media_dir,
-    is_media_dir,
-    read_media,
-    write_media,
-)
+from .sources import materialize
 
 if TYPE_CHECKING:  # pragma: no cover
     import fiftyone as fo
@@ -41,57 +33,6 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _source(source: Any) -> Source:
-    from .sources import source_from_hf, source_from_store
-
-    if _is_hf_dataset(source):
-        return source_from_hf(source)
-    if isinstance(source, (str, os.PathLike)):
-        from ..store import open_store
-
-        return source_from_store(open_store(source))
-    if hasattr(source, "records") and hasattr(source, "manifest"):
-        return source_from_store(source)
-    raise DiffuMaskError(
-        f"cannot load {type(source).__name__} into FiftyOne; give a generated dataset "
-        "folder (diffumask generate ... --out DIR), an opened Store or a datasets.Dataset"
-    )
-
-
-def _is_hf_dataset(source: Any) -> bool:
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(source, datasets.Dataset)
-
-
-def materialize(
-    source: Any, media_dir: str | os.PathLike | None = None, progress: bool | None = None
-) -> MediaIndex:
-    """Write `source`'s samples as files FiftyOne can show (once: a folder that already
-    holds this source is reused). Returns the folder's index.
-
-    `source`: a generated dataset folder, an opened `Store`, a `datasets.Dataset`, or a
-    media folder written before (returned as is). `media_dir` defaults to a folder per
-    source fingerprint under FiftyOne's dataset directory (~/fiftyone).
-    """
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise DiffuMaskError(
-                f"{path} does not exist; give a generated dataset folder "
-                "(diffumask generate ... --out DIR)"
-            )
-        if is_media_dir(path):
-            return read_media(path)
-    src = _source(source)
-    target = (
-        Path(media_dir) if media_dir is not None else default_media_dir(src.fingerprint, src.name)
-    )
-    return write_media(src, target, progress=True if progress is None else bool(progress))
 
 
 def to_fiftyone(

@@ -41,6 +41,7 @@ from bson import ObjectId
 
 from ..errors import DiffuMaskError
 from .media import MediaIndex, MediaSample, is_media_dir, load_attention, read_media
+from .sources import materialize
 
 GROUND_TRUTH = "ground_truth"
 ATTENTION_PREFIX = "attention_"
@@ -224,8 +225,6 @@ def open_media(
     """A media folder as is, or a store folder written out as media (reused if there)."""
     if is_media_dir(path):
         return read_media(path)
-    from . import materialize
-
     return materialize(path, media_dir=media_dir, progress=progress)
 
 

@@ -24,6 +24,7 @@ from fiftyone import ViewField as F
 from PIL import Image
 
 from ..errors import DiffuMaskError
+from ..statistics import IGNORE, MaskFigures, class_rows, dataset_statistics
 from ..store import Record
 from .importer import GROUND_TRUTH, INFO_KEY
 from .media import REFINED_DIR, _write_atomic, class_slug, pixel_fractions, sample_stem
@@ -161,10 +162,6 @@ def raise_unknown_mask_field(dataset: fo.Dataset, name: str) -> None:
 
 def _save_mask(mask: np.ndarray, path: str) -> None:
     Image.fromarray(mask, mode="L").save(path, format="PNG")
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return round(float(np.mean(values)), 6) if values else None
 
 
 def raise_if(message: str | None) -> None:
@@ -371,39 +368,33 @@ def exclude_tagged(collection, tag: str = DEFAULT_BAD_TAG) -> fo.DatasetView:
 def class_statistics(
     collection: fo.core.collections.SampleCollection, mask_field: str = GROUND_TRUTH
 ) -> list[dict[str, Any]]:
-    """Per class, over the collection: samples naming the class in the prompt, samples
-    where its mask has pixels, its share of pixels (mean over those samples, min, max,
-    and over all pixels of the collection), and the mean quality of the samples naming it."""
+    """The class rows of `statistics.dataset_statistics` over the collection (the figures
+    and keys of `diffumask info` and the dataset card), for the classes it has: samples
+    naming the class, samples where its mask has pixels, its share of all pixels, its
+    area where it shows (mean, min, max) and the mean quality of the samples naming it.
+    Read from the areas the importer (or the re-refine operator) stored, not the masks."""
     dataset = collection._dataset
     if mask_field not in mask_fields(dataset):
         raise_unknown_mask_field(dataset, mask_field)
     quality_field, _, class_areas_field = companion_fields(mask_field)
-    named, qualities, areas = collection.values(
-        ["classes.classifications.label", quality_field, class_areas_field]
-    )
-    total = len(named)
-    rows = []
-    for info in dataset_classes(dataset):
-        naming = [i for i, labels in enumerate(named) if labels and info.name in labels]
-        all_areas = [(areas[i] or {}).get(info.slug, 0.0) for i in range(total)]
-        with_pixels = [area for area in all_areas if area]
-        if not naming and not with_pixels:
-            continue
-        class_qualities = [qualities[i] for i in naming if qualities[i] is not None]
-        rows.append(
-            {
-                "class": info.name,
-                "id": info.id,
-                "samples": len(naming),
-                "samples_with_pixels": len(with_pixels),
-                "mean_area": round(float(np.mean(with_pixels)), 6) if with_pixels else 0.0,
-                "min_area": round(float(np.min(with_pixels)), 6) if with_pixels else 0.0,
-                "max_area": round(float(np.max(with_pixels)), 6) if with_pixels else 0.0,
-                "pixel_share": round(float(np.mean(all_areas)), 6) if total else 0.0,
-                "mean_quality": _mean(class_qualities),
-            }
-        )
-    return rows
+    ignore_field = "ignore_area" if mask_field == GROUND_TRUTH else None
+    fields = ["classes.classifications.label", quality_field, class_areas_field]
+    fields += ["metadata.width", "metadata.height"]
+    values = collection.values(fields + ([ignore_field] if ignore_field else []))
+    named, qualities, areas, widths, heights = values[:5]
+    ignored = values[5] if ignore_field else [0.0] * len(named)
+    classes = dataset_classes(dataset)
+    figures = []
+    for i in range(len(named)):
+        size = (int(widths[i] or 1), int(heights[i] or 1))
+        total = float(size[0] * size[1])
+        shares = {c.id: (areas[i] or {}).get(c.slug, 0.0) for c in classes}
+        pixels = {class_id: share * total for class_id, share in shares.items() if share}
+        pixels[IGNORE] = float(ignored[i] or 0.0) * total
+        pixels[0] = max(0.0, total - sum(pixels.values()))
+        figures.append(MaskFigures(named[i] or [], qualities[i], pixels, size))
+    stats = dataset_statistics(figures, {c.id: c.name for c in classes})
+    return class_rows(stats)
 
 
 # -- export ---------------------------------------------------------------------------

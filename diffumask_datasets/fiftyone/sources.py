@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,16 @@ from PIL import Image
 
 from ..errors import DiffuMaskError
 from ..sample import IGNORE
-from .media import Source, SourceRecord, _hash
+from .media import (
+    MediaIndex,
+    Source,
+    SourceRecord,
+    _hash,
+    default_media_dir,
+    is_media_dir,
+    read_media,
+    write_media,
+)
 
 
 def foreground_classes(class_names: Mapping[int, str]) -> dict[int, str]:
@@ -176,3 +186,55 @@ def _hf_records(dataset: Any, names: list[str]) -> Iterator[SourceRecord]:
             image_png=image_png,
             mask_png=mask_png,
         )
+
+
+# -- a source written out as media -----------------------------------------------------
+
+
+def _source(source: Any) -> Source:
+    if _is_hf_dataset(source):
+        return source_from_hf(source)
+    if isinstance(source, (str, os.PathLike)):
+        from ..store import open_store
+
+        return source_from_store(open_store(source))
+    if hasattr(source, "records") and hasattr(source, "manifest"):
+        return source_from_store(source)
+    raise DiffuMaskError(
+        f"cannot load {type(source).__name__} into FiftyOne; give a generated dataset "
+        "folder (diffumask generate ... --out DIR), an opened Store or a datasets.Dataset"
+    )
+
+
+def _is_hf_dataset(source: Any) -> bool:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(source, datasets.Dataset)
+
+
+def materialize(
+    source: Any, media_dir: str | os.PathLike | None = None, progress: bool | None = None
+) -> MediaIndex:
+    """Write `source`'s samples as files FiftyOne can show (once: a folder that already
+    holds this source is reused). Returns the folder's index.
+
+    `source`: a generated dataset folder, an opened `Store`, a `datasets.Dataset`, or a
+    media folder written before (returned as is). `media_dir` defaults to a folder per
+    source fingerprint under FiftyOne's dataset directory (~/fiftyone).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise DiffuMaskError(
+                f"{path} does not exist; give a generated dataset folder "
+                "(diffumask generate ... --out DIR)"
+            )
+        if is_media_dir(path):
+            return read_media(path)
+    src = _source(source)
+    target = (
+        Path(media_dir) if media_dir is not None else default_media_dir(src.fingerprint, src.name)
+    )
+    return write_media(src, target, progress=True if progress is None else bool(progress))

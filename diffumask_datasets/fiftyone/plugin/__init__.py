@@ -267,9 +267,9 @@ class ClassStatistics(foo.Operator):
         outputs = types.Object()
         table = types.TableView()
         for key, label in (
-            ("class", "class"),
-            ("samples", "samples naming it"),
-            ("samples_with_pixels", "samples with pixels"),
+            ("name", "class"),
+            ("prompted_images", "samples naming it"),
+            ("images_with_pixels", "samples with pixels"),
             ("mean_area", "mean area"),
             ("min_area", "min area"),
             ("max_area", "max area"),

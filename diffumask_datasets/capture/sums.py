@@ -125,6 +125,27 @@ def _chunk_scores(query, key_t, mask, chunk: slice) -> torch.Tensor:
     return scores
 
 
+def to_heads(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    heads: int,
+    norm_q: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    norm_k: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected [batch, sequence, heads * head_dim] query, key and value as [batch, heads,
+    sequence, head_dim], with the layer's per-head query and key norms where it has them."""
+    query, key, value = (
+        x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+        for x in (query, key, value)
+    )
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
 def kept_probabilities(
     query: torch.Tensor, key: torch.Tensor, columns: torch.Tensor, mask=None
 ) -> torch.Tensor:
@@ -227,7 +248,7 @@ def attend_keeping_columns(
     return out, kept_probabilities(query[rows:, :, queries], key[rows:], columns, mask)
 
 
-class Store:
+class RunningSums:
     """Running sums shared by all processors of one capture: the kept columns' maps per
     map size and one affinity, float32, added into; nothing kept per step."""
 
@@ -326,9 +347,9 @@ class Store:
 class Capture:
     """A live capture; `result()` gives the averaged maps once the pipeline has run."""
 
-    def __init__(self, store: Store, wrapped: dict[str, int]):
-        self._store = store
+    def __init__(self, sums: RunningSums, wrapped: dict[str, int]):
+        self._sums = sums
         self.wrapped = wrapped  # processor name -> factor, the layers being captured
 
     def result(self) -> Captured:
-        return self._store.result()
+        return self._sums.result()

@@ -1,4 +1,5 @@
-"""`diffumask app` and `diffumask plugin`: the FiftyOne commands of the CLI.
+"""`diffumask app` (a dataset in the FiftyOne App) and `diffumask plugin` (the FiftyOne
+plugin's folder).
 
 Importing this module does not import fiftyone (the CLI lists these commands at once);
 the command bodies do.
@@ -7,66 +8,20 @@ the command bodies do.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from pathlib import Path
 
 import click
 
 from ..errors import DiffuMaskError
-
-PLUGIN_DIR = Path(__file__).resolve().parent / "plugin"
-PLUGIN_FOLDER_NAME = "diffumask"
-PLUGIN_NAME = "@diffumask/diffumask"
-
-
-def _plugin_operators() -> list[str]:
-    import yaml
-
-    data = yaml.safe_load((PLUGIN_DIR / "fiftyone.yml").read_text())
-    return [f"{data['name']}/{name}" for name in data.get("operators", [])]
-
-
-def plugins_dir(explicit: str | None = None) -> Path:
-    """FIFTYONE_PLUGINS_DIR (or FiftyOne's configured plugins_dir): where FiftyOne looks."""
-    if explicit:
-        return Path(explicit).expanduser()
-    env = os.environ.get("FIFTYONE_PLUGINS_DIR")
-    if env:
-        return Path(env).expanduser()
-    import fiftyone as fo  # reads ~/.fiftyone/config.json too
-
-    if not fo.config.plugins_dir:
-        raise DiffuMaskError(
-            "FiftyOne has no plugins directory configured; set FIFTYONE_PLUGINS_DIR or pass --dir"
-        )
-    return Path(fo.config.plugins_dir).expanduser()
-
-
-def install_plugin(target_root: Path, copy: bool = False, force: bool = False) -> Path:
-    """Link (or copy) the plugin folder to `target_root/diffumask`; returns that path."""
-    target_root.mkdir(parents=True, exist_ok=True)
-    target = target_root / PLUGIN_FOLDER_NAME
-    if target.is_symlink() and target.resolve() == PLUGIN_DIR and not copy:
-        return target  # already installed from this package
-    if target.exists() or target.is_symlink():
-        ours = (target / "fiftyone.yml").is_file() and PLUGIN_NAME in (
-            target / "fiftyone.yml"
-        ).read_text()
-        if not (force or ours):
-            raise DiffuMaskError(
-                f"{target} exists and is not the DiffuMask plugin; pass --force to replace it "
-                "or --dir to install elsewhere"
-            )
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        else:
-            shutil.rmtree(target)
-    if copy:
-        shutil.copytree(PLUGIN_DIR, target, ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-        target.symlink_to(PLUGIN_DIR, target_is_directory=True)
-    return target
+from ..fiftyone.install import (
+    PLUGIN_DIR,
+    install_plugin,
+    plugin_installed,
+    plugin_operators,
+    plugins_dir,
+    uninstall_plugin,
+)
 
 
 @click.group("plugin")
@@ -96,7 +51,7 @@ def install(directory: str | None, copy: bool, force: bool) -> None:
     how = "copied to" if copy else "linked at"
     click.echo(f"DiffuMask plugin {how} {target}")
     click.echo("operators:")
-    for uri in _plugin_operators():
+    for uri in plugin_operators():
         click.echo(f"  {uri}")
     if directory and os.environ.get("FIFTYONE_PLUGINS_DIR") != str(Path(directory).expanduser()):
         click.echo(f"FiftyOne finds it when FIFTYONE_PLUGINS_DIR={Path(directory).expanduser()}")
@@ -106,15 +61,7 @@ def install(directory: str | None, copy: bool, force: bool) -> None:
 @click.option("--dir", "directory", default=None, help="Plugins directory.")
 def uninstall(directory: str | None) -> None:
     """Remove the plugin from the plugins directory."""
-    target = plugins_dir(directory) / PLUGIN_FOLDER_NAME
-    if not (target.exists() or target.is_symlink()):
-        raise DiffuMaskError(f"the DiffuMask plugin is not installed at {target}")
-    if target.is_symlink():
-        target.unlink()
-    else:
-        if PLUGIN_NAME not in (target / "fiftyone.yml").read_text():
-            raise DiffuMaskError(f"{target} is not the DiffuMask plugin; not removing it")
-        shutil.rmtree(target)
+    target = uninstall_plugin(plugins_dir(directory))
     click.echo(f"removed {target}")
 
 
@@ -175,8 +122,8 @@ def app(
     _check_port(address, port)
     import fiftyone as fo
 
-    from . import materialize, to_fiftyone
-    from .media import class_slug
+    from ..fiftyone import materialize, to_fiftyone
+    from ..fiftyone.media import class_slug
 
     index = materialize(directory, media_dir=media_dir)
     name = name or f"diffumask-{class_slug(directory.resolve().name)}-{index.fingerprint[:8]}"
@@ -194,7 +141,7 @@ def app(
         f"FiftyOne App: {len(dataset)} samples of {directory} (dataset {dataset.name!r}) "
         f"at http://{host}:{port}/"
     )
-    if not _plugin_installed():
+    if not plugin_installed():
         click.echo("tip: `diffumask plugin install` adds the DiffuMask operators to the App")
     click.echo("serving until interrupted (Ctrl-C)", err=True)
     _stop_on_signals()
@@ -218,14 +165,3 @@ def _stop_on_signals() -> None:
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
-
-
-def _plugin_installed() -> bool:
-    try:
-        root = plugins_dir()
-    except DiffuMaskError:
-        return False
-    return (root / PLUGIN_FOLDER_NAME / "fiftyone.yml").is_file()
-
-
-__all__ = ["app", "plugin", "install_plugin", "plugins_dir", "PLUGIN_DIR"]

@@ -25,16 +25,12 @@ from typing import Any
 import datasets
 
 import _diffumask_datasets_hook as _hook
-from diffumask_datasets.build import (
-    GenerationConfig,
-    check_model_available,
-    iter_store,
-    plan_for,
-    prepare,
-)
+from diffumask_datasets.build import check_model_available, prepare
 from diffumask_datasets.cards import CITATION, PAPER, model_license, render_card
+from diffumask_datasets.config import GenerationConfig
 from diffumask_datasets.definitions import Definition, definition_path, load_definition
 from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.shards import iter_store, plan_for
 from diffumask_datasets.store import Store, record_to_row, store_features
 
 STORES_FOLDER = "diffumask_stores"

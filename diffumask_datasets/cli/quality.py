@@ -1,0 +1,207 @@
+"""`diffumask evaluate`, `clean` and `splice` (diffumask_datasets.quality) and `diffumask
+shapes render` (real scenes of the shapes world to evaluate against)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .common import PROG, at_least_one, check_fraction, destination_option
+
+
+def trainer_options(command):
+    """The segmenter options shared by evaluate and clean."""
+    options = [
+        click.option(
+            "--segmenter",
+            metavar="NAME_OR_PATH",
+            help="A SegFormer checkpoint (hub id or folder, e.g. nvidia/mit-b0), or "
+            "builtin:fcn (a small conv net, fast on a CPU). Default: a small SegFormer "
+            "trained from scratch.",
+        ),
+        click.option(
+            "--train-steps",
+            type=int,
+            default=600,
+            show_default=True,
+            callback=at_least_one(600),
+            help="Optimiser steps of each segmenter training.",
+        ),
+        click.option(
+            "--batch-size", type=int, default=16, show_default=True, callback=at_least_one(16)
+        ),
+        click.option(
+            "--size",
+            type=int,
+            callback=at_least_one(64),
+            help="Train and test at size x size. Default: the first training image's side.",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", help="torch device, e.g. cuda or cpu. Default: cuda if present."),
+        click.option(
+            "--splice", is_flag=True, help="Splice half of each batch into 2x2 mosaics on the fly."
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def train_settings(segmenter, train_steps, batch_size, size, seed, device, splice, **_: Any) -> Any:
+    from ..quality import TrainSettings
+
+    return TrainSettings(
+        steps=train_steps,
+        batch_size=batch_size,
+        size=size,
+        seed=seed,
+        device=device,
+        splice=splice,
+        segmenter=segmenter,
+    )
+
+
+EVALUATE_EPILOG = f"""\b
+Examples (the shapes world, offline):
+  {PROG} generate shapes --per-class 64 --out out/shapes
+  {PROG} shapes render --count 512 --to out/shapes-real
+  {PROG} evaluate out/shapes --real out/shapes-real --split val --real-train train
+
+TRAIN is a dataset folder or a VOC export; REAL is a VOC-layout folder (our VOC export
+or a VOC2012 download). mIoU is over background and TRAIN's classes; REAL's pixels of
+other classes are ignored.
+"""
+
+
+@click.command(epilog=EVALUATE_EPILOG, short_help="Train on a dataset, test on real data.")
+@click.argument("train", type=click.Path(path_type=Path))
+@click.option(
+    "--real",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="VOC-layout folder to test on (JPEGImages, SegmentationClass, ImageSets).",
+)
+@click.option("--split", default="val", show_default=True, help="REAL's split to test on.")
+@click.option(
+    "--real-train",
+    metavar="SPLIT",
+    help="Also train on this split of REAL and print synthetic_over_real.",
+)
+@trainer_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate(
+    train: Path, real: Path, split: str, real_train: str | None, as_json: bool, **options: Any
+) -> None:
+    """Train a segmenter on TRAIN and report its IoU per class on REAL."""
+    from ..quality import evaluate as run_evaluation
+
+    result = run_evaluation(
+        train, real, split=split, real_train=real_train, settings=train_settings(**options)
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        click.echo(result.describe())
+
+
+def _check_keep(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    from ..quality.clean import check_keep
+
+    return check_keep(value)
+
+
+CLEAN_EPILOG = f"""\b
+Examples:
+  {PROG} clean out/shapes --folds 3 --keep 0.7 --to out/shapes-clean
+  {PROG} info out/shapes-clean
+
+Each kept sample's meta holds its consistency; the new manifest's "clean" entry holds
+the settings and every sample's consistency. The source dataset is not changed.
+"""
+
+
+@click.command(epilog=CLEAN_EPILOG, short_help="Noise learning: drop inconsistent masks.")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--folds", type=int, default=3, show_default=True, help="K of K-fold.")
+@click.option(
+    "--keep",
+    type=float,
+    default=0.7,
+    show_default=True,
+    callback=_check_keep,
+    help="Share of samples to keep, the most consistent first, in (0, 1].",
+)
+@destination_option
+@click.option("--no-priors", is_flag=True, help="Ignore the definition's per-class priors.")
+@trainer_options
+def clean(
+    directory: Path, folds: int, keep: float, dest: Path, no_priors: bool, **options: Any
+) -> None:
+    """Rank the samples of DIRECTORY by K-fold consistency; keep the best in --to."""
+    from ..quality import clean_store
+
+    store, summary = clean_store(
+        directory, dest, folds, keep, train_settings(**options), use_priors=not no_priors
+    )
+    click.echo(
+        f"kept {summary['kept']} of {summary['samples']} samples in {dest} "
+        f"({summary['prior_rejected']} outside their class prior)"
+    )
+
+
+SPLICE_EPILOG = f"""\b
+Examples:
+  {PROG} splice out/shapes --grid 2x2 --count 200 --to out/shapes-spliced
+  {PROG} splice out/shapes --grid 1x2 --count 100 --to out/shapes-pairs
+"""
+
+
+@click.command(epilog=SPLICE_EPILOG, short_help="Write mosaics of a dataset's samples.")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--grid", default="2x2", show_default=True, help="Rows x columns, e.g. 2x2, 1x2.")
+@click.option("--count", type=int, required=True, help="Number of mosaics.")
+@destination_option
+@click.option("--seed", type=int, default=0, show_default=True)
+def splice(directory: Path, grid: str, count: int, dest: Path, seed: int) -> None:
+    """Splice the samples of DIRECTORY into mosaics (images and masks alike) in --to."""
+    from ..quality import splice_store
+    from ..quality.splice import parse_grid
+
+    rows, cols = parse_grid(grid)
+    store = splice_store(directory, dest, (rows, cols), count, seed)
+    click.echo(f"wrote {len(store)} {rows}x{cols} mosaics in {dest}")
+
+
+@click.group(short_help="The procedural shapes world (exact masks).")
+def shapes() -> None:
+    """The shapes world of the built-in `builtin:shapes` model."""
+
+
+@shapes.command("render", short_help="Rendered scenes with exact masks, VOC layout.")
+@click.option("--count", type=int, required=True, callback=at_least_one(512))
+@destination_option
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--objects",
+    type=click.IntRange(1, 4),
+    default=2,
+    show_default=True,
+    help="Scenes show 1 up to this many objects, in turn.",
+)
+@click.option(
+    "--val-fraction",
+    type=float,
+    default=0.5,
+    show_default=True,
+    callback=check_fraction,
+    help="Share of scenes in the val split.",
+)
+def shapes_render(count: int, dest: Path, seed: int, objects: int, val_fraction: float) -> None:
+    """Write COUNT rendered scenes with exact masks in the VOC layout at --to."""
+    from ..shapes_world import render_voc
+
+    summary = render_voc(dest, count, seed=seed, max_objects=objects, val_fraction=val_fraction)
+    click.echo(summary.describe())
