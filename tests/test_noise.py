@@ -157,3 +157,47 @@ def test_clean_stores_both_scores_and_ranks_by_the_one_asked_for(tmp_path):
     assert [first["combined_score"][str(i)] for i in range(8)] == pytest.approx(expected, abs=1e-4)
     with pytest.raises(DiffuMaskError, match="--rank-by 'area' is not a score"):
         clean_store(store, tmp_path / "x", 2, 0.5, fcn, progress=False, rank_by="area")
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def test_clean_on_the_command_line_trains_the_clean_defaults_unless_told(tmp_path):
+    import json
+
+    from test_cli import invoke
+
+    store = make_store(tmp_path / "s", 6)
+    result = invoke(
+        "clean", str(store.path), "--folds", "2", "--train-steps", "3", "--to", str(tmp_path / "C")
+    )
+    assert result.exit_code == 0, result.output
+    assert "kept 5 of 6 samples" in result.stdout
+    used = json.loads((tmp_path / "C" / "manifest.json").read_text())["clean"]
+    assert used["segmenter"]["segmenter"] == "builtin:fcn" and used["segmenter"]["size"] == 32
+    assert used["segmenter"]["steps"] == 3 and used["rank_by"] == "consistency"
+    result = invoke(
+        "clean", str(store.path), "--folds", "2", "--train-steps", "3", "--size", "16",
+        "--rank-by", "combined", "--to", str(tmp_path / "D"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    used = json.loads((tmp_path / "D" / "manifest.json").read_text())["clean"]
+    assert used["segmenter"]["size"] == 16 and used["rank_by"] == "combined"
+
+
+def test_clean_on_the_command_line_refuses_bad_input_in_one_line(tmp_path):
+    from test_cli import assert_one_line_error, invoke
+
+    from diffumask_datasets.store import write_store
+
+    store = make_store(tmp_path / "s", 4)
+    result = invoke("clean", str(store.path), "--rank-by", "area", "--to", str(tmp_path / "C"))
+    assert_one_line_error(result, "--rank-by 'area'", "consistency", "combined")
+    blank = []
+    for record in store.records():
+        record.mask = np.zeros_like(record.mask)
+        blank.append(record)
+    write_store(tmp_path / "blank", blank, store.manifest)
+    result = invoke("clean", str(tmp_path / "blank"), "--folds", "2", "--to", str(tmp_path / "C"))
+    assert_one_line_error(result, "has no masks to clean", "background or ignore")
+    assert not (tmp_path / "C").exists()
