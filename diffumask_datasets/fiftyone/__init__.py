@@ -15,9 +15,11 @@ Importing this package does not import fiftyone (the CLI imports it for `app` an
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DiffuMaskError
+from .media import is_media_dir
 from .sources import materialize
 
 if TYPE_CHECKING:  # pragma: no cover
