@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
             "kind": kind, "share": share, "bad": bad, "seconds": round(seconds, 1),
             "pruned": {str(k): pruned_share(consistency, bad, k) for k in (0.7, 0.5)},
             "spearman": {n: spearman(s, truth_iou) for n, s in scores.items()},
-            "bad_iou": float(truth_iou[bad].mean()),
+            "bad_iou": float(truth_iou[bad].mean()) if bad else None,
             "scores": consistency.tolist(), "settings": settings.to_dict(),
             "folds": args.folds, "machine": machine,
         })  # fmt: skip
@@ -227,7 +227,8 @@ def main(argv=None) -> dict:
     # synthetic-to-real on the 25% stores: exact masks, as they are, cleaned (keep 0.7);
     # with --transfer-only this waits for the clean rows another process writes
     transfer("transfer/exact", images, exact)
-    waiting = [(k, s) for k, s in corrupted if s == 0.25]
+    # share 0 (--shares 0): the control, cleaning a store whose masks are all exact
+    waiting = [(k, s) for k, s in corrupted if s in (0.0, 0.25)]
     for kind, share in waiting:
         transfer(f"transfer/{kind}/{share}/none", images, corrupted[kind, share][0])
     while waiting and not args.no_transfer and not args.report_only:
@@ -268,7 +269,7 @@ def report(rows: Rows, transfers: Rows, tag: str) -> None:
         ratio = lambda v: f"{v / exact:.3f}" if v is not None else ""  # noqa: E731
         print(
             f"| {kind} | {share:.0%} | {row['pruned']['0.7']:.0%} | {row['pruned']['0.5']:.0%} "
-            f"| {row['spearman']['consistency']:.3f} | {row['bad_iou']:.2f} | "
+            f"| {row['spearman']['consistency']:.3f} | {row['bad_iou'] or float('nan'):.2f} | "
             f"{row['seconds']:.0f} | {ratio(cleaned)} | {ratio(as_is)} |"
         )
 

@@ -201,3 +201,20 @@ def test_clean_on_the_command_line_refuses_bad_input_in_one_line(tmp_path):
     result = invoke("clean", str(tmp_path / "blank"), "--folds", "2", "--to", str(tmp_path / "C"))
     assert_one_line_error(result, "has no masks to clean", "background or ignore")
     assert not (tmp_path / "C").exists()
+
+
+def test_the_run_estimate_leaves_out_the_slow_first_steps(monkeypatch, capsys):
+    import time
+
+    from diffumask_datasets.quality.clean import RunClock
+
+    now = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    clock = RunClock(100, "run")
+    for step in range(100):
+        now[0] += 10.0 if step < 5 else 1.0  # building the model: slow; then 1 s a step
+        clock()
+    clock.close()
+    # 50 s + 20 s timed, then 75 steps of 1 s: 145 s; timing every step from the start
+    # would have said 70 / 25 * 100 = 280 s
+    assert "run: about 2 min" in capsys.readouterr().err

@@ -190,25 +190,30 @@ def describe(settings: TrainSettings, folds: int) -> str:
 
 class RunClock:
     """A progress bar over every step of a run of trainings, which also prints one line
-    with the estimated time of the whole run once `warmup` steps are timed."""
+    with the estimated time of the whole run once `warmup` steps after the first `skip`
+    are timed (the first steps pay for building the model and are not typical)."""
 
-    def __init__(self, total: int, what: str, warmup: int = 20):
+    def __init__(self, total: int, what: str, skip: int = 5, warmup: int = 20):
         import time
 
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, desc="noise learning", unit="step", dynamic_ncols=True)
-        self.what, self.warmup, self.done, self.total = what, warmup, 0, total
-        self.began = time.monotonic()
+        self.what, self.total, self.done = what, total, 0
+        self.skip, self.report_at = min(skip, total - 1), min(skip + warmup, total)
+        self.began = self.timed_from = time.monotonic()
 
     def __call__(self) -> None:
         import time
 
         self.done += 1
         self.bar.update(1)
-        if self.done == min(self.warmup, self.total):
-            per_step = (time.monotonic() - self.began) / self.done
-            estimate = format_seconds(per_step * self.total)
+        now = time.monotonic()
+        if self.done == self.skip:
+            self.timed_from = now
+        if self.done == self.report_at:
+            per_step = (now - self.timed_from) / max(self.done - max(self.skip, 0), 1)
+            estimate = format_seconds(now - self.began + per_step * (self.total - self.done))
             self.bar.write(f"{self.what}: about {estimate}", file=sys.stderr)
 
     def close(self) -> None:
