@@ -174,7 +174,7 @@ def test_clean_on_the_command_line_trains_the_clean_defaults_unless_told(tmp_pat
     assert result.exit_code == 0, result.output
     assert "kept 5 of 6 samples" in result.stdout
     used = json.loads((tmp_path / "C" / "manifest.json").read_text())["clean"]
-    assert used["segmenter"]["segmenter"] == "builtin:fcn" and used["segmenter"]["size"] == 32
+    assert used["segmenter"]["segmenter"] == "builtin:fcn" and used["segmenter"]["size"] == 64
     assert used["segmenter"]["steps"] == 3 and used["rank_by"] == "consistency"
     result = invoke(
         "clean", str(store.path), "--folds", "2", "--train-steps", "3", "--size", "16",

@@ -12,11 +12,11 @@ import click
 from .common import PROG, at_least_one, check_fraction, destination_option
 
 # What evaluate and clean train when an option is left out: evaluate a small SegFormer at
-# the images' size (quality.TrainSettings), clean the small FCN at 32 px
+# the images' size (quality.TrainSettings), clean the small FCN at 64 px
 # (quality.CLEAN_SETTINGS, chosen on the noise benchmark). Kept as text so that --help
 # does not import the trainer.
 EVALUATE_DEFAULTS = "a small SegFormer from scratch, 600 steps, at the first image's side"
-CLEAN_DEFAULTS = "builtin:fcn (a small conv net), 600 steps, at 32 px (quick on a CPU)"
+CLEAN_DEFAULTS = "builtin:fcn (a small conv net), 600 steps, at 64 px (minutes on a CPU)"
 
 
 def trainer_options(defaults: str):
