@@ -9,8 +9,10 @@ OUT ?= out/demo
 export HF_HUB_OFFLINE ?= 1
 export HF_UPDATE_DOWNLOAD_COUNTS ?= 0
 export FIFTYONE_DO_NOT_TRACK ?= true
+# mkdocs-material's banner about its successor, printed on every build
+export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint docs
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,10 +31,16 @@ demo: install
 	$(VENV)/bin/diffumask info $(OUT)
 
 test: install
-	$(VENV)/bin/ruff check diffumask_datasets tests benchmarks scripts _diffumask_datasets_hook.py
-	$(VENV)/bin/ruff format --check diffumask_datasets tests benchmarks scripts _diffumask_datasets_hook.py
+	$(VENV)/bin/ruff check diffumask_datasets tests benchmarks scripts _diffumask_datasets_hook.py docs/hooks
+	$(VENV)/bin/ruff format --check diffumask_datasets tests benchmarks scripts _diffumask_datasets_hook.py docs/hooks
+	# the documentation site: a broken link, page or docstring fails the build
+	$(VENV)/bin/mkdocs build --strict --site-dir $$(mktemp -d)
 	FIFTYONE_DATABASE_DIR=$$(mktemp -d) $(VENV)/bin/python -m pytest -q
 
 lint:
-	$(VENV)/bin/ruff check --fix diffumask_datasets tests benchmarks scripts _diffumask_datasets_hook.py
-	$(VENV)/bin/ruff format diffumask_datasets tests benchmarks scripts _diffumask_datasets_hook.py
+	$(VENV)/bin/ruff check --fix diffumask_datasets tests benchmarks scripts _diffumask_datasets_hook.py docs/hooks
+	$(VENV)/bin/ruff format diffumask_datasets tests benchmarks scripts _diffumask_datasets_hook.py docs/hooks
+
+# the documentation site at http://127.0.0.1:8000, rebuilt as files change
+docs: $(VENV)/.deps
+	$(VENV)/bin/mkdocs serve

@@ -1,4 +1,4 @@
-"""Masks from an affinity averaged over fewer denoising steps (issue 9), on the shapes
+"""Masks from an affinity averaged over fewer denoising steps, on the shapes
 benchmark's (a): 256 single-object images of `builtin:shapes`, 20 DDIM steps, guidance 4,
 seed 0; the cross-attention always over every step, the affinity over a window of them
 (`Refinement(affinity_steps=...)`). About 25 minutes on one CPU thread.

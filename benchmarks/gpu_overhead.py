@@ -1,4 +1,4 @@
-"""What masks cost beside the plain pipeline, on a GPU: the issue-9 configurations.
+"""What masks cost beside the plain pipeline, on a GPU: SD-1.5 at 512 px, SDXL at 1024 px.
 
 For each configuration (real architectures with random weights, float16 on CUDA):
 plain pipeline vs DiffuMask per refinement method, given the same latents (runs
@@ -8,7 +8,7 @@ images per second of `build_dataset` (what `diffumask generate` runs: generation
 refinement, PNG encoding, shard writes, overlapped) against a plain loop that runs the
 pipeline and saves PNGs, same model, batch, steps and images. JSON out.
 
-    # on an H100/H200 (BENCHMARKS.md has the set-up):
+    # on an H100/H200 (BENCHMARKS.md has the set-up; the lab log, docs/lab/, its history):
     python benchmarks/gpu_overhead.py --device cuda --json gpu_overhead.json
     # on the CPU, tiny models (a smoke test of this script; seconds):
     python benchmarks/gpu_overhead.py --device cpu --configs tiny-b2,tiny-xl-b2 \
@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from full_size import sd15_pipeline, sdxl_pipeline  # noqa: E402
 
 from diffumask_datasets import DiffuMask  # noqa: E402
 from diffumask_datasets.capture import CaptureOptions, default_affinity_factor, trace  # noqa: E402
@@ -62,114 +64,6 @@ CONFIGS = {
     "tiny-xl-b2": Config("tiny-xl", 64, 4, 2),
 }
 ISSUE = "sd15-b1,sd15-b4,sd15-b8,sdxl-b2"
-
-
-def sd15_pipeline(device, dtype):
-    """Stable Diffusion 1.5's architecture with random weights, built on `device`."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from diffumask_datasets.models import _scheduler, clip_tokenizer
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        )
-        vae = sd_vae()
-        text = CLIPTextModel(clip_l())
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text,
-        tokenizer=clip_tokenizer(),
-        scheduler=_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return pipe.to(device=device, dtype=dtype)
-
-
-def sd_vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-
-
-def clip_l():
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        num_hidden_layers=12,
-        max_position_embeddings=77,
-        vocab_size=49408,
-        hidden_act="quick_gelu",
-    )
-
-
-def sdxl_pipeline(device, dtype):
-    """SDXL's architecture (UNet 2.57 B parameters, CLIP-L and bigG) with random weights."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from diffumask_datasets.models import _scheduler, clip_tokenizer
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(
-            sample_size=128,
-            block_out_channels=(320, 640, 1280),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20),
-            cross_attention_dim=2048,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        )
-        vae = sd_vae()
-        text = CLIPTextModel(clip_l())
-        text_2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                hidden_size=1280,
-                intermediate_size=5120,
-                num_attention_heads=20,
-                num_hidden_layers=32,
-                max_position_embeddings=77,
-                vocab_size=49408,
-                hidden_act="gelu",
-                projection_dim=1280,
-            )
-        )
-    pipe = StableDiffusionXLPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text,
-        text_encoder_2=text_2,
-        tokenizer=clip_tokenizer(),
-        tokenizer_2=clip_tokenizer(),
-        scheduler=_scheduler(),
-    )
-    return pipe.to(device=device, dtype=dtype)
 
 
 def engine(config: Config, device: str) -> DiffuMask:

@@ -23,123 +23,12 @@ import statistics
 import time
 
 import torch
+from full_size import flux_dev, sd3_medium
 
 from diffumask_datasets import DiffuMask
 
 PROMPTS = ["a photo of a bird on a branch", "a photo of a dog on the grass"]
 CLASSES = [["bird"], ["dog"]]
-
-
-def _clip(hidden: int, layers: int, heads: int, ff: int, projection: int | None):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden,
-        intermediate_size=ff,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=77,
-        projection_dim=projection or hidden,
-        hidden_act="gelu",
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-
-def _t5_xxl():
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=32128,
-            d_model=4096,
-            d_ff=10240,
-            d_kv=64,
-            num_heads=64,
-            num_layers=24,
-            feed_forward_proj="gated-gelu",
-            relative_attention_num_buckets=32,
-        )
-    )
-
-
-def _vae(scaling: float, shift: float):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=scaling,
-        shift_factor=shift,
-    )
-
-
-def sd3_medium():
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-
-    from diffumask_datasets.models import clip_tokenizer, t5_tokenizer
-
-    transformer = SD3Transformer2DModel(
-        sample_size=128,
-        patch_size=2,
-        in_channels=16,
-        num_layers=24,
-        attention_head_dim=64,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        caption_projection_dim=1536,
-        pooled_projection_dim=2048,
-        out_channels=16,
-        pos_embed_max_size=192,
-    )
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(1.5305, 0.0609),
-        text_encoder=_clip(768, 12, 12, 3072, 768),
-        tokenizer=clip_tokenizer(),
-        text_encoder_2=_clip(1280, 32, 20, 5120, 1280),
-        tokenizer_2=clip_tokenizer(),
-        text_encoder_3=_t5_xxl(),
-        tokenizer_3=t5_tokenizer(),
-    )
-
-
-def flux_dev():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    from diffumask_datasets.models import clip_tokenizer, t5_tokenizer
-
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=19,
-        num_single_layers=38,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    )
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
-        vae=_vae(0.3611, 0.1159),
-        text_encoder=_clip(768, 12, 12, 3072, None),
-        tokenizer=clip_tokenizer(),
-        text_encoder_2=_t5_xxl(),
-        tokenizer_2=t5_tokenizer(),
-        transformer=transformer,
-    )
 
 
 REAL = {"sd3-medium": sd3_medium, "flux-dev": flux_dev}

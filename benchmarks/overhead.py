@@ -33,7 +33,7 @@ def sd15_pipeline():
     """The Stable Diffusion 1.5 architecture (UNet, VAE, CLIP ViT-L text encoder) with
     random weights built from its configuration: realistic cost, no download."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu_overhead import sd15_pipeline as build
+    from full_size import sd15_pipeline as build
 
     return build("cpu", torch.float32)
 

@@ -33,6 +33,18 @@
     synthetic_over_real / exact_masks_over_real is what our masks cost (mask efficiency)
     apart from how the generator draws.
 
+(c) Several objects. Prompts naming 2 and 3 distinct shapes in distinct colours (128 per
+    count by default, seeded). Each drawn object is a connected region of foreground
+    pixels sharing their nearest world colour (so touching objects of two colours are
+    two objects), named by (a)'s shape classifier, not by colour (the model at times
+    swaps colours between objects); objects it names with probability below 0.9, or
+    names as a shape the prompt did not ask for, are left unscored. Per refinement: mask
+    mIoU over background and the four shapes, class confusion (object pixels labelled as
+    another prompted class), missing classes (drawn prompted objects whose class is
+    absent from the mask), and how many images drew every prompted shape. Each capture
+    setting generates once; every refinement is cut from the same captured maps
+    (`DiffuMask.captures`, `refine_captured`).
+
 The last line printed is exactly
 `shapes: mask_miou=<best> synthetic_over_real=<ratio> exact_masks_over_real=<ratio>`.
 
@@ -40,6 +52,9 @@ The last line printed is exactly
     python benchmarks/shapes_quality.py --json out.json
     python benchmarks/shapes_quality.py --only shape-fidelity   # ~2 minutes; last line
         # `shape fidelity: circle=<a> square=<a> triangle=<a> star=<a>`
+    python benchmarks/shapes_quality.py --only multi-object    # (c) beside (a)'s mask
+        # mIoU for the same refinements; --multi-methods picks them; last line
+        # `multi-object: <method>=<mIoU 2 objects>/<mIoU 3 objects> ...`
 """
 
 from __future__ import annotations
@@ -64,7 +79,7 @@ METHODS: dict[str, dict] = {
     "threshold-0.6": {"method": "threshold", "threshold": 0.6, "band": 0.0},
     "adaptive": {"method": "adaptive", "band": 0.0, "affinity_factor": 1},
     "affinity": {"method": "affinity", "band": 0.0, "affinity_factor": 1},
-    # the same without the colour step (the engine's default before session 8): its worth
+    # the same without the colour step (the masks before the step existed): its worth
     "affinity-no-colour": {
         "method": "affinity",
         "band": 0.0,
@@ -388,6 +403,276 @@ def print_shape_fidelity(
         print(f"  {shape:<28}" + "".join(f"{f'{k}/{n}':>9}" for k, n in cells))
 
 
+# ---------------------------------------------------------------- (c) several objects
+# Refinements scored on images whose prompt names several shapes, band 0 as in (a).
+MULTI_METHODS: dict[str, dict] = {
+    "affinity": METHODS["affinity"],
+    "adaptive": METHODS["adaptive"],
+    "separate": {"method": "separate", "band": 0.0, "affinity_factor": 1},
+    # the same from the last half of the 20 steps only (cross-attention and affinity)
+    "separate-steps-10-20": {
+        "method": "separate",
+        "band": 0.0,
+        "affinity_factor": 1,
+        "steps": (10, 20),
+    },
+    # as users get them: band 0.1 (its pixels are left out of the scores); the API's
+    # (and the VOC definition's) with the model's default affinity resolution (8x8 here)
+    "separate-band": {"method": "separate", "affinity_factor": 1},
+    "api-adaptive": {"method": "adaptive"},
+    "api-separate": {"method": "separate"},
+}
+MULTI_DEFAULT = ("affinity", "adaptive", "separate")
+
+
+def multi_object_prompts(n: int, objects: int, seed: int) -> list[tuple[str, list[str]]]:
+    """n (prompt, shapes) pairs naming `objects` distinct shapes in distinct colours on one
+    background ("a photo of a red circle and a blue star on a white background"); seeded."""
+    rng = np.random.default_rng(seed)
+    colours, backgrounds = list(sw.COLOURS), list(sw.BACKGROUNDS)
+    out = []
+    for _ in range(n):
+        shapes = [sw.SHAPES[i] for i in rng.choice(len(sw.SHAPES), objects, replace=False)]
+        tints = [colours[i] for i in rng.choice(len(colours), objects, replace=False)]
+        background = backgrounds[int(rng.integers(len(backgrounds)))]
+        named = " and ".join(f"a {c} {s}" for c, s in zip(tints, shapes, strict=True))
+        out.append((f"a photo of {named} on a {background} background", shapes))
+    return out
+
+
+def drawn_objects(image) -> list[np.ndarray]:
+    """The drawn objects of a generated image as boolean masks: connected regions of
+    foreground pixels (`shapes_world.foreground_mask`) that share their nearest world
+    colour, so two touching objects of different colours are two objects (as one
+    foreground component, the classifier would name their joint silhouette)."""
+    from scipy import ndimage
+
+    pixels = np.asarray(image, dtype=np.float32)[..., :3]
+    palette = np.asarray(list(sw.COLOURS.values()), dtype=np.float32)
+    nearest = np.linalg.norm(pixels[:, :, None] - palette, axis=-1).argmin(-1)
+    foreground = sw.foreground_mask(pixels)
+    objects = []
+    for k in range(len(palette)):
+        components, count = ndimage.label(foreground & (nearest == k))
+        objects += [components == j for j in range(1, count + 1)]
+    return objects
+
+
+# An object is named when the classifier gives its shape at least this probability: the
+# model's malformed shapes (a four-pointed star, a rounded square) are left unscored
+# rather than named by a guess.
+MIN_CONFIDENCE = 0.9
+
+
+def shape_probabilities(net, silhouettes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shape index, its probability) per silhouette."""
+    import torch
+
+    with torch.no_grad():
+        logits = net(torch.from_numpy(np.asarray(silhouettes, np.float32))[:, None])
+        best = logits.softmax(1).max(1)
+    return best.indices.numpy(), best.values.numpy()
+
+
+def named_objects(net, image, shapes: list[str]) -> tuple[np.ndarray, set[str]]:
+    """A class-id reference read off a generated image: each drawn object (`drawn_objects`)
+    of at least MIN_OBJECT_PIXELS named by the shape classifier (probability >=
+    MIN_CONFIDENCE), not by colour (the model at times swaps colours between objects).
+    Objects named as a shape the prompt did not ask for, or unsure, and specks, are 255
+    (not scored). Also the prompted shapes found."""
+    objects = drawn_objects(image)
+    ref = np.zeros(np.asarray(image).shape[:2], np.uint8)
+    found: set[str] = set()
+    big = [r for r in objects if r.sum() >= MIN_OBJECT_PIXELS]
+    for region in objects:
+        ref[region] = 255
+    if big:
+        silhouettes = np.stack([sw.silhouette(r, SILHOUETTE) for r in big])
+        names, sure = shape_probabilities(net, silhouettes)
+        for region, index, p in zip(big, names, sure, strict=True):
+            shape = sw.SHAPES[int(index)]
+            if shape in shapes and p >= MIN_CONFIDENCE:
+                ref[region] = sw.CLASS_IDS[shape]
+                found.add(shape)
+    return ref, found
+
+
+class MultiObjectScore:
+    """A refinement's masks against named objects: mIoU over the background and the four
+    shapes (intersections and unions summed over images; 255 in either left out), class
+    confusion (the share of the prompted objects' pixels labelled as another prompted
+    class) and missing classes (drawn prompted objects whose class is absent from the
+    mask)."""
+
+    def __init__(self):
+        self.iou = ConfusionIoU()
+        self.object_pixels = 0
+        self.confused = 0
+        self.objects = 0
+        self.missing = 0
+
+    def add(self, mask: np.ndarray, ref: np.ndarray, shapes: list[str], found: set[str]):
+        mask = np.asarray(mask)
+        self.iou.add(mask, ref)
+        for shape in found:
+            class_id = sw.CLASS_IDS[shape]
+            region = (ref == class_id) & (mask != 255)
+            others = [sw.CLASS_IDS[s] for s in shapes if s != shape]
+            self.object_pixels += int(region.sum())
+            self.confused += int(np.isin(mask[region], others).sum())
+            self.objects += 1
+            self.missing += int(not (mask == class_id).any())
+
+    def summary(self) -> dict:
+        return {
+            "miou": self.iou.miou(),
+            "per_class": dict(zip(NAMES, self.iou.per_class().round(4).tolist(), strict=True)),
+            "confusion": self.confused / max(self.object_pixels, 1),
+            "missing": self.missing,
+            "objects": self.objects,
+        }
+
+
+def capture_groups(methods: dict[str, dict]) -> list[tuple[dict, list[str]]]:
+    """Methods grouped by what they capture, so each group is generated once and refined
+    once per method: [(the refinement to capture with, its methods' names)]."""
+    from diffumask_datasets.refine import Refinement
+
+    keys = ("cross_factors", "steps", "affinity_factor", "affinity_steps")
+    groups: dict[tuple, tuple[dict, list[str]]] = {}
+    for name, refinement in methods.items():
+        params = Refinement.from_any(refinement)
+        key = tuple(getattr(params, k) for k in keys[:2]) + (
+            tuple(getattr(params, k) for k in keys[2:]) if params.needs_affinity else (None,)
+        )
+        groups.setdefault(key, (refinement, []))[1].append(name)
+    # a group without the affinity captures none: cheaper, and refined the same way
+    return list(groups.values())
+
+
+def refined_rows(dm, prompts, classes, methods, steps, guidance, seed, batch):
+    """Generate the prompts once per capture group (same seeds: the same images) and refine
+    each batch with every method. Returns (images, {method: masks}, {method: seconds of
+    refinement}, seconds of generation and capture)."""
+    images, masks = [], {name: [] for name in methods}
+    refine_seconds = dict.fromkeys(methods, 0.0)
+    capture_seconds = 0.0
+    for capture, names in capture_groups(methods):
+        start = time.time()
+        group_images = []
+        batches = dm.captures(
+            prompts,
+            classes=classes,
+            seed=seed,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            class_ids=sw.CLASS_IDS,
+            refinement=capture,
+            batch_size=batch,
+        )
+        for maps in batches:
+            capture_seconds += time.time() - start
+            group_images += maps.images
+            for name in names:
+                start = time.time()
+                masks[name] += [s.mask for s in dm.refine_captured(maps, methods[name])]
+                refine_seconds[name] += time.time() - start
+            start = time.time()
+        images = images or group_images
+    return images, masks, refine_seconds, capture_seconds
+
+
+def multi_object_rows(dm, net, counts, n, steps, guidance, seed, batch, methods=None) -> dict:
+    """Per object count: n prompts naming that many shapes, generated once, every method's
+    masks scored against the named objects (see MultiObjectScore)."""
+    methods = methods or MULTI_METHODS
+    rows = {}
+    for objects in counts:
+        prompts = multi_object_prompts(n, objects, seed + 100 * objects)
+        images, masks, refine_seconds, capture_seconds = refined_rows(
+            dm,
+            [p for p, _ in prompts],
+            [s for _, s in prompts],
+            methods,
+            steps,
+            guidance,
+            seed + 100 * objects,
+            batch,
+        )
+        references = [
+            named_objects(net, image, shapes)
+            for image, (_, shapes) in zip(images, prompts, strict=True)
+        ]
+        every_drawn = sum(len(found) == objects for _, found in references)
+        row = {"prompts": n, "every_prompted_shape_drawn": every_drawn}
+        row["capture_seconds_per_image"] = capture_seconds / n / len(capture_groups(methods))
+        for name in methods:
+            score = MultiObjectScore()
+            for mask, (ref, found), (_, shapes) in zip(
+                masks[name], references, prompts, strict=True
+            ):
+                score.add(mask, ref, shapes, found)
+            row[name] = {**score.summary(), "refine_ms_per_image": 1000 * refine_seconds[name] / n}
+        rows[objects] = row
+    return rows
+
+
+def single_object_rows(dm, n, steps, guidance, seed, batch, methods=None) -> dict:
+    """(a)'s mask mIoU (same prompts and seeds: the same images) for `methods`, generated
+    once and refined once per method: the single-object rows beside the multi-object ones."""
+    methods = methods or MULTI_METHODS
+    prompts = single_object_prompts(n, seed)
+    images, masks, refine_seconds, _ = refined_rows(
+        dm,
+        [p for p, _, _ in prompts],
+        [[s] for _, s, _ in prompts],
+        methods,
+        steps,
+        guidance,
+        seed,
+        batch,
+    )
+    refs = [
+        reference_mask(image, shape) for image, (_, shape, _) in zip(images, prompts, strict=True)
+    ]
+    row = {"prompts": n}
+    for name in methods:
+        score = ConfusionIoU()
+        for mask, ref in zip(masks[name], refs, strict=True):
+            if int((ref > 0).sum()) >= MIN_OBJECT_PIXELS:
+                score.add(mask, ref)
+        row[name] = {"miou": score.miou(), "refine_ms_per_image": 1000 * refine_seconds[name] / n}
+    return row
+
+
+def print_multi_object_rows(single: dict | None, rows: dict, header: bool = True) -> None:
+    if header:
+        print(
+            f"{'objects':>7}  {'refinement':<22}{'prompts':>8}{'all drawn':>10}{'mIoU':>7}"
+            f"{'confusion':>10}{'missing':>12}{'refine ms':>10}",
+            flush=True,
+        )
+    if single is not None:
+        for name, r in single.items():
+            if name != "prompts":
+                print(
+                    f"{1:>7}  {name:<22}{single['prompts']:>8}{'':>10}{r['miou']:>7.3f}"
+                    f"{'':>10}{'':>12}{r['refine_ms_per_image']:>10.1f}",
+                    flush=True,
+                )
+    for objects, row in rows.items():
+        for name, r in row.items():
+            if not isinstance(r, dict):
+                continue
+            missing = f"{r['missing']}/{r['objects']}"
+            print(
+                f"{objects:>7}  {name:<22}{row['prompts']:>8}"
+                f"{row['every_prompted_shape_drawn']:>10}{r['miou']:>7.3f}"
+                f"{r['confusion']:>10.1%}{missing:>12}{r['refine_ms_per_image']:>10.1f}",
+                flush=True,
+            )
+
+
 # ---------------------------------------------------------------- (b) synthetic vs real
 def make_segmenter(seed: int):
     """The library's small dilated FCN (`builtin:fcn` of diffumask_datasets.quality, ~36k
@@ -453,6 +738,213 @@ def evaluate_segmenter(net, scenes) -> tuple[float, list[float]]:
     return score.miou(), score.per_class().round(4).tolist()
 
 
+def chosen_methods(names: str) -> dict[str, dict]:
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in MULTI_METHODS]
+    if unknown or not chosen:
+        raise SystemExit(
+            f"--multi-methods {names!r}: unknown {unknown}; choose from {', '.join(MULTI_METHODS)}"
+        )
+    return {n: MULTI_METHODS[n] for n in chosen}
+
+
+def print_multi_object_header(args) -> None:
+    print(
+        f"(c) several objects: {args.multi_prompts} prompts per object count naming distinct "
+        f"shapes in distinct colours, {args.steps} steps, guidance {args.guidance}; each drawn "
+        "object a connected foreground component named by the shape classifier; confusion: "
+        "object pixels labelled as another prompted class; missing: drawn prompted objects "
+        "whose class is absent from the mask"
+    )
+
+
+def multi_object_main(dm, args, methods: dict[str, dict], began: float) -> dict:
+    """--only multi-object: (c), with (a)'s single-object mask mIoU for the same
+    refinements from the same run. Last line `multi-object: <method>=<2 objects>/<3
+    objects> ...` (mask mIoU)."""
+    print_multi_object_header(args)
+    single = single_object_rows(
+        dm, args.fidelity_images, args.steps, args.guidance, args.seed, args.batch, methods
+    )
+    print_multi_object_rows(single, {})  # printed as each part is done
+    classifier = train_shape_classifier(args.seed)
+    rows = {}
+    for objects in (2, 3):
+        rows |= multi_object_rows(
+            dm,
+            classifier,
+            (objects,),
+            args.multi_prompts,
+            args.steps,
+            args.guidance,
+            args.seed,
+            args.batch,
+            methods,
+        )
+        print_multi_object_rows(None, {objects: rows[objects]}, header=False)
+    report = {
+        "model": args.model,
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "methods": methods,
+        "single_object": single,
+        "multi_object": rows,
+        "seconds": time.time() - began,
+    }
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2))
+    print(
+        "multi-object: "
+        + " ".join(f"{m}={rows[2][m]['miou']:.3f}/{rows[3][m]['miou']:.3f}" for m in methods)
+    )
+    return report
+
+
+# ---------------------------------------------------------------- (d) real images: label
+# Refinements for given images: the propagated map as the class ("affinity"), as the
+# threshold only ("adaptive", the engine's default), and as the foreground with the class
+# from the cross-attention ("separate").
+REAL_METHODS: dict[str, dict] = {
+    "affinity": {"method": "affinity", "band": 0.0, "affinity_factor": 1},
+    "adaptive": {"method": "adaptive", "band": 0.0, "affinity_factor": 1},
+    "separate": {"method": "separate", "band": 0.0, "affinity_factor": 1},
+}
+
+
+def real_scenes(n: int, objects: int, seed: int) -> list:
+    """n rendered scenes of `objects` objects with exact masks; every caption names the
+    background and each object's colour (what a user labelling their images would say)."""
+    rng = np.random.default_rng([seed, objects])
+    return [
+        sw.random_scene(rng, count=objects, name_background=1.0, name_colour=1.0, photo=1.0)
+        for _ in range(n)
+    ]
+
+
+def real_scene_prompts(scenes, prompts: str) -> tuple[list[list[str]], list[str] | None]:
+    """Classes and prompts the scenes are labelled with. "captions": each scene's caption
+    and its own classes (a user who describes each image); "scene-classes": its own
+    classes, the prompt made from them ("a photo of a circle and a star"); "all-classes":
+    every image with all four shapes (a user who only knows what may appear)."""
+    own = [list(dict.fromkeys(o.shape for o in s.objects)) for s in scenes]
+    if prompts == "captions":
+        return own, [s.caption for s in scenes]
+    if prompts == "scene-classes":
+        return own, None
+    return [list(sw.SHAPES)] * len(scenes), None
+
+
+def label_real_scenes(
+    dm, scenes, strength: float, refinement: dict, steps, guidance, seed, batch, prompts
+):
+    """The scenes labelled through DiffuMask.label; scored against their exact masks:
+    mIoU over background and the four shapes."""
+    start = time.time()
+    classes, texts = real_scene_prompts(scenes, prompts)
+    samples = dm.label(
+        [s.image for s in scenes],
+        classes=classes,
+        prompts=texts,
+        seed=seed,
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        class_ids=sw.CLASS_IDS,
+        refinement=refinement,
+        batch_size=batch,
+    )
+    score = ConfusionIoU()
+    for sample, scene in zip(samples, scenes, strict=True):
+        score.add(sample.mask, scene.mask)
+    return {
+        "miou": score.miou(),
+        "ignored": float(np.mean([(s.mask == 255).mean() for s in samples])),
+        "per_class": dict(zip(NAMES, score.per_class().round(4).tolist(), strict=True)),
+        "seconds": round(time.time() - start, 1),
+    }
+
+
+def real_scene_rows(dm, args) -> list[dict]:
+    """(d) rows: objects per scene x refinement x strength x colour step on/off, printed
+    as they come (incrementally written to --json when given)."""
+    rows = []
+    print(
+        f"(d) rendered scenes with exact masks labelled through DiffuMask.label: "
+        f"{args.real_scenes} scenes a row, {args.steps} steps, guidance {args.guidance}, "
+        f"prompts: {args.real_prompts}"
+    )
+    print(
+        f"{'objects':>7} {'method':<20}{'strength':>9}{'mIoU':>7}"
+        + "".join(f"{n:>11}" for n in NAMES)
+        + f"{'sec':>7}",
+        flush=True,
+    )
+    for objects in args.real_objects:
+        scenes = real_scenes(args.real_scenes, objects, args.seed + 20)
+        for method in args.real_methods:
+            for strength in args.real_strengths:
+                for colour in (True, False):
+                    refinement = dict(
+                        REAL_METHODS[method], **({} if colour else {"colour_steps": 0})
+                    )
+                    name = method if colour else f"{method}-no-colour"
+                    r = label_real_scenes(
+                        dm,
+                        scenes,
+                        strength,
+                        refinement,
+                        args.steps,
+                        args.guidance,
+                        args.seed,
+                        args.batch,
+                        args.real_prompts,
+                    )
+                    rows.append(
+                        {
+                            "objects": objects,
+                            "method": name,
+                            "strength": strength,
+                            "prompts": args.real_prompts,
+                            **r,
+                        }
+                    )
+                    cells = "".join(f"{r['per_class'][n]:>11.3f}" for n in NAMES)
+                    print(
+                        f"{objects:>7} {name:<20}{strength:>9.2f}{r['miou']:>7.3f}{cells}"
+                        f"{r['seconds']:>7.1f}",
+                        flush=True,
+                    )
+                    if args.json is not None:
+                        args.json.write_text(json.dumps({"real_scenes": rows}, indent=2))
+    return rows
+
+
+def real_scenes_only(dm, args, began: float) -> dict:
+    """--only real-scenes: (d) alone; its last line gives each object count's best row
+    with the colour step on."""
+    rows = real_scene_rows(dm, args)
+    report = {
+        "model": args.model,
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "real_scenes": rows,
+        "seconds": time.time() - began,
+    }
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2))
+    best = {}
+    for row in rows:
+        if not row["method"].endswith("-no-colour"):
+            old = best.get(row["objects"])
+            best[row["objects"]] = row if old is None or row["miou"] > old["miou"] else old
+    print(
+        "real scenes: "
+        + " ".join(
+            f"{k}_objects={r['miou']:.3f} ({r['method']} {r['strength']})"
+            for k, r in sorted(best.items())
+        )
+    )
+    return report
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="builtin:shapes")
@@ -476,9 +968,37 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--only",
-        choices=("shape-fidelity",),
+        choices=("shape-fidelity", "multi-object", "real-scenes"),
         default=None,
-        help="shape-fidelity: generate (a)'s images once and name their shapes (~2 minutes)",
+        help="shape-fidelity: generate (a)'s images once and name their shapes (~2 minutes); "
+        "multi-object: (c) alone, beside (a)'s mask mIoU for the same refinements; "
+        "real-scenes: (d) alone",
+    )
+    parser.add_argument("--real-scenes", type=int, default=128, help="(d) scenes a row")
+    parser.add_argument("--real-objects", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--real-strengths", type=float, nargs="+", default=[0.3])
+    parser.add_argument(
+        "--real-methods",
+        nargs="+",
+        choices=tuple(REAL_METHODS),
+        default=["affinity", "adaptive"],
+    )
+    parser.add_argument(
+        "--real-prompts",
+        choices=("captions", "scene-classes", "all-classes"),
+        default="captions",
+        help="(d) what each scene is labelled with (see real_scene_prompts)",
+    )
+    parser.add_argument(
+        "--multi-prompts",
+        type=int,
+        default=128,
+        help="(c): prompts per object count (2 and 3 shapes); 0 leaves (c) out",
+    )
+    parser.add_argument(
+        "--multi-methods",
+        default=",".join(MULTI_DEFAULT),
+        help=f"(c): comma-separated refinements of {', '.join(MULTI_METHODS)}",
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--sheet", type=Path, default=None, help="contact sheet PNG of (a)")
@@ -490,7 +1010,12 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     began = time.time()
+    multi_methods = chosen_methods(args.multi_methods)
     dm = DiffuMask(args.model)
+    if args.only == "multi-object":
+        return multi_object_main(dm, args, multi_methods, began)
+    if args.only == "real-scenes":
+        return real_scenes_only(dm, args, began)
 
     # (a)
     prompts = single_object_prompts(args.fidelity_images, args.seed)
@@ -563,6 +1088,21 @@ def main(argv=None) -> dict:
         f"{ranking['mean_iou_all']:.3f} over all, {ranking['mean_iou_top_quarter']:.3f} over "
         f"the top quarter by quality (>= {ranking['top_quarter_min_quality']:.3f})"
     )
+    multi = None
+    if args.multi_prompts > 0:
+        multi = multi_object_rows(
+            dm,
+            classifier,
+            (2, 3),
+            args.multi_prompts,
+            args.steps,
+            args.guidance,
+            args.seed,
+            args.batch,
+            multi_methods,
+        )
+        print_multi_object_header(args)
+        print_multi_object_rows(None, multi)
 
     # (b)
     n = args.train_images
@@ -647,6 +1187,7 @@ def main(argv=None) -> dict:
         "exact_masks_over_real": exact_ratio,
         "mask_efficiency": ratio / exact_ratio if exact_ratio > 0 else float("nan"),
         "quality_ranking": ranking,
+        "multi_object": multi,
         "train_sets": {label: miou for label, miou, _ in rows},
         "seconds": total,
     }

@@ -66,6 +66,7 @@ def model_license(model: str | None) -> str:
 
 
 def size_category(count: int) -> str:
+    """The Hub's size category for a dataset of `count` samples (e.g. `1K<n<10K`)."""
     for bound, name in SIZE_CATEGORIES:
         if count < bound:
             return name

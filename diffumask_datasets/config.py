@@ -42,6 +42,11 @@ DTYPES = (None, "float32", "float16", "bfloat16")
 
 @dataclass
 class GenerationConfig:
+    """The settings of one dataset's generation, by their Python names (the CLI's
+    `--per-class`, `--steps`, `--size` set `images_per_class`, `num_inference_steps`,
+    `resolution`). None means "the definition's default"; `from_definition` and `resolve`
+    fill them in and check them."""
+
     model: str | None = None  # hub id, local folder or builtin:<alias>
     classes: list[str] | None = None  # class names of the definition; None: all
     images_per_class: int | None = None
@@ -49,7 +54,7 @@ class GenerationConfig:
     guidance_scale: float | None = None
     resolution: int | None = None  # square images, pixels (a multiple of 8)
     seed: int | None = None  # base seed; sample i gets generate.sample_seed(seed, i)
-    refinement: str | dict | None = None  # threshold | adaptive | affinity, or parameters
+    refinement: str | dict | None = None  # threshold | adaptive | affinity | separate, or a dict
     batch_size: int | None = None
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str | None = None  # None: the engine's choice for the device

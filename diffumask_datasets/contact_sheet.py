@@ -96,7 +96,7 @@ def contact_sheet(
     side = tile or max(arrays[0].shape[1], MIN_TILE)
     cells = []
     for image, mask in zip(arrays, masks, strict=True):
-        blended = Image.fromarray(overlay(image, np.asarray(mask)))
+        blended = Image.fromarray(overlay(image, np.asarray(mask), alpha))
         cells.append(blended.resize((side, side), Image.NEAREST))
     columns = min(columns, len(cells))
     rows = -(-len(cells) // columns)

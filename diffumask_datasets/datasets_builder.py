@@ -60,8 +60,8 @@ def dataset_module(name: str, data_dir: str | None, data_files: Any, download_co
         if data_files is None:
             raise DiffuMaskError(
                 "load_dataset('diffumask') needs your definition file: "
-                "load_dataset('diffumask', data_files='my_dataset.yaml') (README: Dataset "
-                f"definitions); the built-in ones load by name: "
+                "load_dataset('diffumask', data_files='my_dataset.yaml') "
+                f"(docs/guide/definitions.md); the built-in ones load by name: "
                 f"{', '.join(n for n in _hook.NAMES if _hook.NAMES[n])}"
             )
         patterns = sanitize_patterns(data_files)

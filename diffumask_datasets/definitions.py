@@ -15,7 +15,7 @@ defaults:                          # optional: generation settings when the call
   num_inference_steps: 50
   guidance_scale: 7.5
   resolution: 512                  # square images, pixels
-  refinement: adaptive             # threshold | adaptive | affinity, or a dict of parameters
+  refinement: adaptive             # threshold | adaptive | affinity | separate, or parameters
   shard_size: 64                   # samples per stored shard
   two_classes: 0.0                 # fraction of images that show a second class
 prompts:
@@ -90,6 +90,10 @@ _PLACEHOLDERS = ("class", "sub_class", "other")
 
 @dataclass(frozen=True)
 class ClassDef:
+    """One class of a definition: its mask id, its label, the words that name it in a
+    prompt (`prompt`, `synonyms`), its sub-classes and templates for prompt diversity, a
+    display colour, and an optional area prior that `diffumask clean` applies."""
+
     id: int
     name: str
     prompt: str
@@ -108,6 +112,9 @@ class ClassDef:
 
 @dataclass(frozen=True)
 class Definition:
+    """A dataset definition, as read from its YAML file: the classes, the prompt templates,
+    the negative prompt and the generation defaults. Build one with `load_definition`."""
+
     name: str
     classes: tuple[ClassDef, ...]
     title: str = ""
@@ -276,7 +283,7 @@ def definition_path(name_or_path: str | Path) -> Path:
         raise DiffuMaskError(
             f"unknown dataset definition {text!r}.{hint} Built-in definitions: "
             f"{', '.join(builtins)}; or give the path of your own .yaml definition "
-            "(README: Dataset definitions)."
+            "(docs/guide/definitions.md)."
         )
     return builders_dir() / name / DEFINITION_FILE
 

@@ -54,6 +54,8 @@ def require_ray() -> Any:
 
 
 def check_options(workers: int | None, gpus_per_worker: float | None) -> None:
+    """Refuse a `workers` that is not a positive integer or a negative `gpus_per_worker`,
+    before Ray starts."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)):
         raise DiffuMaskError(f"workers={workers!r} must be a positive integer, e.g. 2")
     if workers is not None and workers < 1:
@@ -73,6 +75,7 @@ def worker_threads() -> int:
 
 
 def host() -> str:
+    """This process's host name and pid, to name a worker in messages and temporary files."""
     return f"{socket.gethostname()} pid {os.getpid()}"
 
 

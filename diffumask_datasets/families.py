@@ -31,6 +31,10 @@ def _noise(seeds: Sequence[int], shape: tuple[int, ...]):
 
 
 class UNetFamily:
+    """The engine's adapter for UNet pipelines (SD 1.x, 2.x, SDXL): default size, size step,
+    noise shape, call arguments and where the class words sit in the text. The MMDiT
+    families override what differs."""
+
     name = "unet"
 
     def __init__(self, pipe):
@@ -90,6 +94,21 @@ class UNetFamily:
             "output_type": "pil",
         }
 
+    def image_call_arguments(self, prompts, images, generators, settings):
+        """The image-to-image pipeline call's keyword arguments for one batch of given
+        images (all of one size); its output stays latent (labelling needs no image)."""
+        negative = settings["negative_prompt"]
+        return {
+            "prompt": list(prompts),
+            "negative_prompt": [negative] * len(prompts) if negative else None,
+            "image": list(images),
+            "strength": settings["strength"],
+            "num_inference_steps": settings["num_inference_steps"],
+            "guidance_scale": settings["guidance_scale"],
+            "generator": list(generators),
+            "output_type": "latent",
+        }
+
     def token_positions(
         self, prompt: str, classes: Sequence[str], synonyms: Mapping[str, Sequence[str]] | None
     ) -> dict[str, list[int]]:
@@ -98,6 +117,10 @@ class UNetFamily:
 
 
 class SD3Family(UNetFamily):
+    """The adapter for SD3 and SD3.5: sizes in whole 2x2 patches, class words found in T5's
+    sequence (and in the CLIP tokens where they reach), the negative half of the guidance
+    batch left unread."""
+
     name = "sd3"
     max_sequence_length = 256  # the pipeline's default
 
@@ -115,6 +138,15 @@ class SD3Family(UNetFamily):
     def call_arguments(self, prompts, latents, settings):
         return {
             **super().call_arguments(prompts, latents, settings),
+            "max_sequence_length": self.max_sequence_length,
+        }
+
+    def image_call_arguments(self, prompts, images, generators, settings):
+        height, width = settings["denoised_size"]
+        return {
+            **super().image_call_arguments(prompts, images, generators, settings),
+            "height": height,
+            "width": width,
             "max_sequence_length": self.max_sequence_length,
         }
 
@@ -141,6 +173,10 @@ class SD3Family(UNetFamily):
 
 
 class FluxFamily(SD3Family):
+    """The adapter for FLUX.1: latents packed 2x2 into tokens, guidance distilled (no negative
+    half; `true_cfg_scale` runs the negative prompt as a second pass), and ConceptAttention
+    maps (`map_kind="concept"`)."""
+
     name = "flux"
     max_sequence_length = 512  # the pipeline's default
 
@@ -210,6 +246,12 @@ class FluxFamily(SD3Family):
             "latents": latents,
             "max_sequence_length": self.max_sequence_length,
             "output_type": "pil",
+        }
+
+    def image_call_arguments(self, prompts, images, generators, settings):
+        return {
+            **super().image_call_arguments(prompts, images, generators, settings),
+            "true_cfg_scale": settings.get("true_cfg_scale", 1.0),
         }
 
     def _class_positions(self, prompt, name, synonyms):

@@ -7,8 +7,10 @@ batch generates (overlap.overlapped): small-component cleanup, quality, the Samp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ def sample_seed(base: int, index: int) -> int:
 
 
 def best_device() -> str:
+    """The device generation runs on when none is given: cuda, else mps, else cpu."""
     import torch
 
     if torch.cuda.is_available():
@@ -64,6 +67,67 @@ def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise DiffuMaskError(f"{name}={value!r} must be a positive integer")
     return int(value)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What every batch of a run shares (DiffuMask.plan_batches), checked before any
+    batch runs."""
+
+    token_indices: list[dict[str, list[int]]]  # per prompt: {class: token positions}
+    class_ids: dict[str, int]
+    options: CaptureOptions
+    params: Refinement
+    settings: dict[str, Any]  # recorded in each sample's meta
+
+
+@dataclass
+class BatchMaps:
+    """One batch's generated images and captured attention, before refinement."""
+
+    images: list  # PIL images
+    class_maps: list[dict[str, dict[tuple[int, int], np.ndarray]]]  # per image, per class
+    affinity: np.ndarray | None  # [images, Q, Q] or None
+    affinity_size: tuple[int, int] | None
+    prompts: list[str]
+    seeds: list[int]
+    token_indices: list[dict[str, list[int]]]
+    class_ids: dict[str, int]
+    meta: dict[str, Any]  # model and generation settings, recorded in each sample
+    options: CaptureOptions  # what was captured
+
+    def check(self, params: Refinement) -> None:
+        """Refuse a refinement that reads other maps than the batch captured."""
+        wanted = {"cross_factors": params.cross_factors, "steps": params.steps}
+        if params.needs_affinity:
+            if self.options.affinity_factor is None:
+                raise DiffuMaskError(
+                    f"refinement method {params.method!r} needs the self-attention affinity, "
+                    "which this batch did not capture; capture with a refinement that needs it"
+                )
+            wanted["affinity_steps"] = params.affinity_steps
+            if params.affinity_factor is not None:
+                wanted["affinity_factor"] = params.affinity_factor
+        differ = {k: v for k, v in wanted.items() if getattr(self.options, k) != v}
+        if differ:
+            captured = {k: getattr(self.options, k) for k in differ}
+            raise DiffuMaskError(
+                f"refinement capture options {differ} differ from the batch's {captured}; "
+                "refine with the options it was captured with, or capture again"
+            )
+
+    def cut(self, params: Refinement, device) -> Cut:
+        """The device part of refining the batch (refine.cut_masks)."""
+        return cut_masks(
+            self.class_maps,
+            self.class_ids,
+            (self.meta["height"], self.meta["width"]),
+            params,
+            affinity=self.affinity,
+            affinity_size=self.affinity_size,
+            device=device,  # the capture's maps move there if they are not yet
+            images=pixels(self.images) if params.colour_steps else None,
+        )
 
 
 class DiffuMask:
@@ -140,21 +204,72 @@ class DiffuMask:
             true_cfg_scale,
             map_kind,
         )
-        samples: list[Sample] = []
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        return _collect(jobs, len(prompts), progress, "generating")
 
-            bar = tqdm(total=len(prompts), desc="generating", unit="image")
-        try:
-            for batch in overlapped(jobs):
-                samples += batch
-                if bar is not None:
-                    bar.update(len(batch))
-        finally:
-            if bar is not None:
-                bar.close()
-        return samples
+    def label(
+        self,
+        images: Any,
+        classes: Any,
+        prompts: str | Sequence[str] | None = None,
+        seed: int | Sequence[int] = 0,
+        strength: float | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        resolution: int | None = None,
+        batch_size: int = 4,
+        negative_prompt: str | None = None,
+        class_ids: Mapping[str, int] | None = None,
+        synonyms: Mapping[str, Sequence[str]] | None = None,
+        refinement: Refinement | Mapping[str, Any] | str | None = None,
+        progress: bool = False,
+        map_kind: str = "cross",
+    ) -> list[Sample]:
+        """Samples for given images: each Sample's image is the given one (its own size,
+        its pixels unchanged), its masks come from the model's attention while it denoises
+        that image (noised to `strength` of the steps, the pipeline family's image-to-image
+        route) and are cut by the same refinement as generation's, against its pixels.
+
+        images: paths, PIL images or uint8 arrays (or one of them).
+        classes: names every image is labelled with (["dog", "cat"]), or one list per image.
+        prompts: one per image, or one for all; None makes "a photo of a dog and a cat"
+            from each image's classes. Each class must be named in its prompt.
+        strength: None: label.DEFAULT_STRENGTH. resolution: None denoises each image at its
+            own size (sides rounded to the latent scale); a number scales its longer side
+            to it. The masks are always at the image's own size.
+        seed: base seed (image i's noise from sample_seed(seed, i)) or one seed per image;
+            a sample never depends on its batch. See `label` (module) for the rest."""
+        from .label import DEFAULT_STRENGTH, image_list, label_batches
+
+        images = image_list(images)
+        steps = _check_positive_int("num_inference_steps", num_inference_steps)
+        if resolution is not None:
+            resolution = _check_positive_int("resolution", resolution)
+        jobs = label_batches(
+            self,
+            images,
+            classes,
+            prompts,
+            _seeds(seed, len(images)),
+            DEFAULT_STRENGTH if strength is None else strength,
+            steps,
+            guidance_scale,
+            resolution,
+            _check_positive_int("batch_size", batch_size),
+            negative_prompt,
+            class_ids,
+            synonyms,
+            refinement,
+            map_kind,
+        )
+        return _collect(jobs, len(images), progress, "labelling")
+
+    def image_pipeline(self):
+        """The model's image-to-image pipeline (built once, sharing the loaded components)."""
+        if getattr(self, "_image_pipe", None) is None:
+            from .label import image_pipeline
+
+            self._image_pipe = image_pipeline(self.pipe)
+        return self._image_pipe
 
     def batches(
         self,
@@ -178,6 +293,46 @@ class DiffuMask:
         completes it on the CPU and returns its Samples. Call them in order, e.g. in a
         background thread with overlap.overlapped. Everything is checked before the first
         batch generates."""
+        params = Refinement.from_any(refinement)
+        for maps in self.captures(
+            prompts,
+            classes,
+            seed,
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            batch_size,
+            negative_prompt,
+            class_ids,
+            synonyms,
+            params,
+            true_cfg_scale,
+            map_kind,
+        ):
+            yield self._refine_later(maps, params)
+
+    def captures(
+        self,
+        prompts: str | Sequence[str],
+        classes: Sequence[Any],
+        seed: int | Sequence[int] = 0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int = 4,
+        negative_prompt: str | None = None,
+        class_ids: Mapping[str, int] | None = None,
+        synonyms: Mapping[str, Sequence[str]] | None = None,
+        refinement: Refinement | Mapping[str, Any] | str | None = None,
+        true_cfg_scale: float = 1.0,
+        map_kind: str = "cross",
+    ) -> Iterator[BatchMaps]:
+        """The images and captured attention of each batch, before any mask is cut: what
+        `refine_captured` turns into Samples with any refinement whose capture options
+        (cross_factors, steps, affinity_factor, affinity_steps) match `refinement`'s, so
+        one generation can be refined many ways. Arguments as for __call__."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise DiffuMaskError("no prompts given")
@@ -193,6 +348,45 @@ class DiffuMask:
                     f"{name}={value} is not a multiple of {self.latent_scale}, the model's "
                     "latent scale; round it to one"
                 )
+        plan = self.plan_batches(
+            prompts, class_lists, steps, guidance_scale, class_ids, synonyms, refinement, map_kind
+        )
+        settings = {
+            "negative_prompt": negative_prompt,
+            **plan.settings,
+            "height": height,
+            "width": width,
+        }
+        if true_cfg_scale != 1.0:
+            settings["true_cfg_scale"] = float(true_cfg_scale)
+        if map_kind != "cross":
+            settings["map_kind"] = map_kind
+        self.family.check(settings)
+        meta = {"model": self.model, **settings}
+        for start in range(0, len(prompts), batch_size):
+            batch = slice(start, start + batch_size)
+            yield self._capture(
+                prompts[batch],
+                plan.token_indices[batch],
+                seeds[batch],
+                plan.class_ids,
+                plan.options,
+                meta,
+            )
+
+    def plan_batches(
+        self,
+        prompts: Sequence[str],
+        class_lists: Sequence[Sequence[str]],
+        steps: int,
+        guidance_scale: float,
+        class_ids: Mapping[str, int] | None,
+        synonyms: Mapping[str, Sequence[str]] | None,
+        refinement: Refinement | Mapping[str, Any] | str | None,
+        map_kind: str,
+    ) -> BatchPlan:
+        """What every batch of a run shares, checked before anything runs: the class ids,
+        each prompt's class tokens, the refinement and what capture keeps."""
         params = Refinement.from_any(refinement)
         ids = dict(class_ids) if class_ids is not None else {}
         for names in class_lists:
@@ -220,50 +414,79 @@ class DiffuMask:
             conditional_half=self.family.conditional_half(guidance_scale),
             map_kind=map_kind,
         )
-        settings = {
-            "negative_prompt": negative_prompt,
-            "num_inference_steps": steps,
-            "guidance_scale": float(guidance_scale),
-            "height": height,
-            "width": width,
-        }
-        if true_cfg_scale != 1.0:
-            settings["true_cfg_scale"] = float(true_cfg_scale)
-        if map_kind != "cross":
-            settings["map_kind"] = map_kind
-        self.family.check(settings)
-        for start in range(0, len(prompts), batch_size):
-            batch = slice(start, start + batch_size)
-            yield self._batch(
-                prompts[batch], token_indices[batch], seeds[batch], ids, options, params, settings
-            )
+        settings = {"num_inference_steps": steps, "guidance_scale": float(guidance_scale)}
+        return BatchPlan(token_indices, ids, options, params, settings)
 
     def _latents(self, seeds: Sequence[int], height: int, width: int):
         # drawn on the CPU per sample from its own seed (see families)
         return self.family.latents(seeds, height, width)
 
-    def _batch(self, prompts, token_indices, seeds, class_ids, options, params, settings):
+    def _capture(self, prompts, token_indices, seeds, class_ids, options, meta) -> BatchMaps:
+        latents = self._latents(seeds, meta["height"], meta["width"])
+        settings = {k: v for k, v in meta.items() if k != "model"}
+
+        def run():
+            return self.pipe(**self.family.call_arguments(prompts, latents, settings)).images
+
+        return self._traced(run, prompts, token_indices, seeds, class_ids, options, meta)
+
+    def _traced(self, run, prompts, token_indices, seeds, class_ids, options, meta) -> BatchMaps:
+        """The batch's attention captured while `run()` calls a pipeline and returns the
+        batch's images (generated ones, or the given ones for `label`), at meta's size."""
         tokens = [sorted({p for positions in t.values() for p in positions}) for t in token_indices]
-        latents = self._latents(seeds, settings["height"], settings["width"])
-        concepts = self.family.concepts(token_indices, tokens) if "map_kind" in settings else None
+        concepts = self.family.concepts(token_indices, tokens) if "map_kind" in meta else None
         with trace(self.pipe, tokens, options, concepts) as cap:
-            images = self.pipe(**self.family.call_arguments(prompts, latents, settings)).images
+            images = run()
         captured = cap.result()
-        cut = cut_masks(
-            [
+        return BatchMaps(
+            images=images,
+            class_maps=[
                 {name: captured.token_maps(i, p) for name, p in positions.items()}
                 for i, positions in enumerate(token_indices)
             ],
-            class_ids,
-            (settings["height"], settings["width"]),
-            params,
             affinity=captured.affinity,
             affinity_size=captured.affinity_size,
-            device=self.pipe.device,  # the capture's maps move there if they are not yet
-            images=pixels(images) if params.colour_steps else None,
+            prompts=list(prompts),
+            seeds=list(seeds),
+            token_indices=list(token_indices),
+            class_ids=class_ids,
+            meta=meta,
+            options=options,
         )
-        meta = {"model": self.model, **settings}
-        return lambda: _samples(images, cut, prompts, seeds, token_indices, class_ids, params, meta)
+
+    def _refine_later(self, maps: BatchMaps, params: Refinement) -> Callable[[], list[Sample]]:
+        """Cuts the batch's masks now (the device part) and returns the CPU part (finish,
+        Samples) as a callable, to run while the next batch runs."""
+        return functools.partial(_samples, maps, maps.cut(params, self.pipe.device), params)
+
+    def refine_captured(
+        self, maps: BatchMaps, refinement: Refinement | Mapping[str, Any] | str | None = None
+    ) -> list[Sample]:
+        """The Samples of one captured batch (see `captures`) with `refinement`: the same
+        as generating them with it, without generating again."""
+        params = Refinement.from_any(refinement)
+        maps.check(params)
+        return _samples(maps, maps.cut(params, self.pipe.device), params)
+
+
+def _collect(jobs, total: int, progress: bool, desc: str) -> list[Sample]:
+    """Every batch's Samples, each batch's CPU part run while the next one's device part
+    runs (overlap.overlapped)."""
+    samples: list[Sample] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="image")
+    try:
+        for batch in overlapped(jobs):
+            samples += batch
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+    return samples
 
 
 def pixels(images) -> np.ndarray:
@@ -272,11 +495,12 @@ def pixels(images) -> np.ndarray:
     return rgb.transpose(0, 3, 1, 2) / 255.0
 
 
-def _samples(images, cut: Cut, prompts, seeds, token_indices, class_ids, params, meta):
+def _samples(maps: BatchMaps, cut: Cut, params: Refinement) -> list[Sample]:
     """The CPU part of a batch: masks finished (refine.finish) and Samples made."""
+    class_ids, meta = maps.class_ids, maps.meta
     samples = []
     for image, refined, prompt, seed, positions in zip(
-        images, finish(cut), prompts, seeds, token_indices, strict=True
+        maps.images, finish(cut), maps.prompts, maps.seeds, maps.token_indices, strict=True
     ):
         sample_meta = {
             "prompt": prompt,

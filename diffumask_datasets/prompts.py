@@ -22,6 +22,9 @@ from diffumask_datasets.errors import DiffuMaskError
 
 @dataclass(frozen=True)
 class PlanItem:
+    """One image of a prompt plan: its index, prompt, the ids and names of the classes the
+    prompt names (main class first), and its diffusion seed."""
+
     index: int
     prompt: str
     class_ids: tuple[int, ...]  # the classes the prompt names, main class first

@@ -9,6 +9,14 @@ Methods (the chain each runs):
 - "adaptive":  the paper's per-image threshold: aggregate -> colour, then sweep the
   background level and keep the one whose mask best agrees with the propagated
   ("affinity", colour included) mask -> band -> cleanup.
+- "separate":  the foreground from the affinity, the class from the cross-attention: the
+  propagated ("affinity", colour included) maps decide which pixels are an object, and
+  at each of those pixels the class whose coarsest cross-attention map (aggregated and
+  colour-smoothed alone) scores highest wins -> threshold -> band -> cleanup. The walk
+  through the self-attention spreads every class over every object (it links objects to
+  each other as well as to themselves), and the finer cross-attention maps attend to
+  every object alike; the coarsest maps tell the classes apart. With one class it is
+  "affinity".
 
 "colour" is the image-guided step, the role of the paper's dense CRF: at image size, each
 pixel's scores become the mean of its like-coloured neighbours', several times, so a mask
@@ -40,7 +48,7 @@ import torch
 from .errors import DiffuMaskError
 from .sample import IGNORE
 
-METHODS = ("threshold", "adaptive", "affinity")
+METHODS = ("threshold", "adaptive", "affinity", "separate")
 Size = tuple[int, int]
 
 
@@ -48,8 +56,8 @@ Size = tuple[int, int]
 class Refinement:
     """Refinement parameters; every field is recorded with each sample.
 
-    threshold: background level for "threshold" and "affinity"; the level at which the
-        propagated reference mask is cut for "adaptive".
+    threshold: background level for "threshold", "affinity" and "separate"; the level at
+        which the propagated reference mask is cut for "adaptive".
     gammas: (first, last, step) of the adaptive sweep; the paper's 0.35 ... 0.54.
     affinity_power: random-walk steps through the self-attention matrix.
     band: pixels whose winning score lies within band/2 of the threshold are labelled 255.
@@ -112,7 +120,7 @@ class Refinement:
 
     @property
     def needs_affinity(self) -> bool:
-        return self.method in ("adaptive", "affinity")
+        return self.method in ("adaptive", "affinity", "separate")
 
     @classmethod
     def from_any(cls, value: Refinement | Mapping[str, Any] | str | None) -> Refinement:
@@ -144,6 +152,9 @@ class Refinement:
 
 @dataclass
 class Refined:
+    """One refined image: its mask, the per-class scores it was cut from, its quality score
+    and the chain of steps that made it."""
+
     mask: np.ndarray  # uint8 HxW
     attention: dict[str, np.ndarray]  # the per-class scores the mask was cut from
     quality: float
@@ -207,6 +218,7 @@ def normalise_max(maps: Array) -> torch.Tensor:
 
 
 def normalise_minmax(maps: Array) -> torch.Tensor:
+    """Each map of `maps` (..., H, W) stretched to [0, 1]; a flat map becomes zeros."""
     maps = as_tensor(maps)
     low = maps.amin(dim=(-2, -1), keepdim=True)
     high = maps.amax(dim=(-2, -1), keepdim=True)
@@ -316,6 +328,17 @@ def colour_smooth(
     return scores
 
 
+def separate_scores(foreground: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Scores [..., classes, H, W] whose winner per pixel is the class `classes` scores
+    highest and whose winning score is the best of `foreground`'s: each class gets the
+    foreground score times its share of the top class score (1 where no class scores), so
+    a cut at any level keeps `foreground`'s objects and names them by `classes`."""
+    best = best_score(foreground)[..., None, :, :]
+    top = best_score(classes)[..., None, :, :]
+    shares = torch.where(top > 0, classes / torch.where(top > 0, top, 1.0), 1.0)
+    return best * shares
+
+
 def _ids(ids: Any, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(ids, dtype=np.uint8), device=device)
 
@@ -359,6 +382,7 @@ def label(scores: Array, ids: Any, level: float | torch.Tensor) -> torch.Tensor:
 
 
 def gamma_sweep(first: float, last: float, step: float) -> np.ndarray:
+    """The background levels the adaptive method tries: `first` to `last` by `step`."""
     return np.round(np.arange(first, last + step / 2, step), 6)
 
 
@@ -715,6 +739,15 @@ def cut_masks(
     if params.method == "affinity":
         levels = [params.threshold] * len(ids)
         return _cut(propagated, classes, ids, levels, params, chains, unsmoothed)
+    if params.method == "separate":
+        coarsest = min(cross, key=lambda s: s[0] * s[1])
+        names = aggregate({coarsest: cross[coarsest]}, size)
+        for chain in chains:
+            chain.append({"step": "classes", "from": "cross", "size": list(coarsest)})
+        scores = separate_scores(propagated, smooth(names))
+        evidence = separate_scores(unsmoothed, names)
+        levels = [params.threshold] * len(ids)
+        return _cut(scores, classes, ids, levels, params, chains, evidence)
     raw = aggregate(cross, size)
     scores = smooth(raw)  # the reference's step, recorded once
     # the sweep compares labels: 1 + the first position of the class's id (two names

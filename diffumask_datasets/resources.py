@@ -17,12 +17,15 @@ def _shipped(name: str) -> Path:
 
 
 def builders_dir() -> Path:
+    """The folder of the built-in dataset definitions (`builders/`)."""
     return _shipped("builders")
 
 
 def cards_dir() -> Path:
+    """The folder of the dataset-card templates (`cards/`)."""
     return _shipped("cards")
 
 
 def data_file(name: str) -> Path:
+    """The path of a data file shipped in the package (`diffumask_datasets/data/`)."""
     return PACKAGE_DIR / "data" / name

@@ -54,6 +54,9 @@ MIN_RADIUS, MAX_RADIUS = 8.0, 15.0
 
 @dataclass(frozen=True)
 class ShapeObject:
+    """One object of a scene: its shape, colour, centre and circumradius in pixels, and
+    rotation."""
+
     shape: str
     colour: str
     center: tuple[float, float]  # (x, y) in pixels
@@ -63,6 +66,9 @@ class ShapeObject:
 
 @dataclass
 class Scene:
+    """A rendered scene: the RGB image, its exact class mask and instance mask, the objects,
+    the background's name and the caption."""
+
     image: np.ndarray  # uint8 HxWx3
     mask: np.ndarray  # uint8 HxW: 0 background, CLASS_IDS[shape] where an object shows
     instances: np.ndarray  # uint8 HxW: 0 background, k+1 where objects[k] shows
@@ -334,7 +340,6 @@ def object_silhouette(image: np.ndarray, size: int = 24) -> np.ndarray | None:
     square (aspect kept) and resampled by area: each output pixel is the fraction of its
     cell the object covers, in [0, 1].
     """
-    from PIL import Image
     from scipy import ndimage
 
     drawn = foreground_mask(image)
@@ -342,7 +347,16 @@ def object_silhouette(image: np.ndarray, size: int = 24) -> np.ndarray | None:
     if not count:
         return None
     sizes = ndimage.sum(drawn, labels, index=np.arange(1, count + 1))
-    ys, xs = np.nonzero(labels == 1 + int(np.argmax(sizes)))
+    return silhouette(labels == 1 + int(np.argmax(sizes)), size)
+
+
+def silhouette(region: np.ndarray, size: int = 24) -> np.ndarray:
+    """A non-empty boolean HxW region as a size x size silhouette: cropped to its bounding
+    box, centred in a square (aspect kept), resampled by area (each output pixel is the
+    fraction of its cell the region covers, in [0, 1])."""
+    from PIL import Image
+
+    ys, xs = np.nonzero(region)
     height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
     side = max(height, width)
     square = np.zeros((side, side), dtype=np.float32)

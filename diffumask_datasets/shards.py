@@ -23,6 +23,8 @@ from diffumask_datasets.store import Record, Store
 
 
 def plan_for(definition: Definition, config: GenerationConfig) -> list[PlanItem]:
+    """The prompt plan of `definition` under `config`: every image's index, prompt, classes
+    and seed."""
     return make_plan(
         definition,
         config.images_per_class,
@@ -98,6 +100,7 @@ def generate_records(
 
 
 def shard_items(store: Store, plan: Sequence[PlanItem], shard: int) -> list[PlanItem]:
+    """The plan items that make shard number `shard` of `store`."""
     return [plan[i] for i in store.shard_range(shard)]
 
 

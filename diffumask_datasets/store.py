@@ -33,6 +33,7 @@ open as before, and their shards are checked for readability only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import io
@@ -192,7 +193,30 @@ def record_to_row(record: Record, class_ids: dict[str, int], attention_size: int
     }
 
 
-def _decode_rows(table, id_to_name: dict[int, str]) -> Iterator[Record]:
+@dataclass
+class StoredRecord(Record):
+    """A Record that also carries its image and mask as PNG bytes, as a shard holds them,
+    for writers that copy the files as they are; `image` is None then (`decoded()` reads
+    it)."""
+
+    image_png: bytes | None = None
+    mask_png: bytes | None = None
+
+    def decoded(self) -> Record:
+        """The plain Record, its image decoded."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(Record)}
+        if values["image"] is None:
+            image = Image.open(io.BytesIO(self.image_png))
+            image.load()
+            values["image"] = image.convert("RGB")
+        return Record(**values)
+
+
+def _decode_mask(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.uint8)
+
+
+def _stored_rows(table, id_to_name: dict[int, str]) -> Iterator[StoredRecord]:
     columns = {
         name: table.column(name).to_pylist() for name in table.column_names if name != "attention"
     }
@@ -202,19 +226,18 @@ def _decode_rows(table, id_to_name: dict[int, str]) -> Iterator[Record]:
     for row in range(table.num_rows):
         names = [id_to_name[i] for i in columns["classes"][row]]
         stacked = np.asarray(maps[row], dtype=np.float32)
-        image = Image.open(io.BytesIO(columns["image"][row]["bytes"]))
-        image.load()
-        mask = np.asarray(Image.open(io.BytesIO(columns["mask"][row]["bytes"])), dtype=np.uint8)
-        yield Record(
+        yield StoredRecord(
             index=int(columns["index"][row]),
-            image=image.convert("RGB"),
-            mask=mask,
+            image=None,
+            mask=_decode_mask(columns["mask"][row]["bytes"]),
             prompt=columns["prompt"][row],
             seed=int(columns["seed"][row]),
             classes=names,
             quality=float(columns["quality"][row]),
             attention={name: stacked[j] for j, name in enumerate(names)},
             meta=json.loads(columns["meta"][row]),
+            image_png=columns["image"][row]["bytes"],
+            mask_png=columns["mask"][row]["bytes"],
         )
 
 
@@ -292,6 +315,7 @@ class Digest:
 
 
 def file_digest(path: Path) -> Digest:
+    """The sha256 and size of a file, read in 1 MB chunks."""
     sha = hashlib.sha256()
     size = 0
     with open(path, "rb") as handle:
@@ -467,8 +491,8 @@ class Store:
             raise DiffuMaskError(
                 f"no space left on the device while writing shard {shard} to "
                 f"{self.shard_path(shard)}; free some space there, then run the same command "
-                f"with --resume (or the same load_dataset call) to continue: the {kept} "
-                "finished shards are kept"
+                f"with --resume (or the same load_dataset call) to continue: the finished "
+                f"shards ({kept} of {self.num_shards}) are kept"
             ) from exc
         return digest
 
@@ -595,7 +619,14 @@ class Store:
         return pq.read_table(path, columns=None if columns is None else list(columns))
 
     def shard_records(self, shard: int) -> Iterator[Record]:
-        yield from _decode_rows(self._read_shard(shard), self.class_names)
+        for stored in _stored_rows(self._read_shard(shard), self.class_names):
+            yield stored.decoded()
+
+    def stored_records(self) -> Iterator[StoredRecord]:
+        """Every sample in order with its image and mask as stored PNG bytes (no image
+        decoded): for writers that copy the files as they are."""
+        for shard in range(self.num_shards):
+            yield from _stored_rows(self._read_shard(shard), self.class_names)
 
     def masks(self) -> Iterator[tuple[np.ndarray, list[str], float]]:
         """Every sample's (mask, class names its prompt names, quality), in order; reads
@@ -609,8 +640,7 @@ class Store:
                 table.column("quality").to_pylist(),
                 strict=True,
             ):
-                mask = np.asarray(Image.open(io.BytesIO(cell["bytes"])), dtype=np.uint8)
-                yield mask, [names[i] for i in classes], float(quality)
+                yield _decode_mask(cell["bytes"]), [names[i] for i in classes], float(quality)
 
     def records(self) -> Iterator[Record]:
         """Every sample, in order."""

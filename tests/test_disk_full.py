@@ -63,7 +63,7 @@ def test_a_full_disk_names_the_shard_and_resume_continues(tmp_path, monkeypatch,
     assert error.startswith("diffumask: error: no space left on the device")
     store = open_store(out, allow_incomplete=True)
     assert str(store.shard_path(1)) in error
-    assert "--resume" in error and "free some space" in error and "the 1 finished" in error
+    assert "--resume" in error and "free some space" in error and "(1 of 2) are kept" in error
     # nothing part-written is left, and nothing looks complete that is not
     leftovers = [p for p in out.rglob("*") if p.is_file() and ".tmp" in p.name]
     assert not leftovers, leftovers

@@ -17,6 +17,8 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray 2.60 writes ~/.ray/auth_token
 ray = pytest.importorskip("ray")
 
+from tiny import tiny_settings  # noqa: E402
+
 from diffumask_datasets.build import GenerationConfig, build_dataset  # noqa: E402
 from diffumask_datasets.distributed import (  # noqa: E402
     FAULT_ENV,
@@ -28,15 +30,7 @@ from diffumask_datasets.errors import DiffuMaskError  # noqa: E402
 from diffumask_datasets.store import DIGESTS, file_digest, open_store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = GenerationConfig(
-    model="builtin:tiny-random",
-    classes=["bird", "dog"],
-    images_per_class=2,
-    num_inference_steps=3,
-    resolution=64,
-    seed=0,
-    shard_size=1,
-)
+CONFIG = GenerationConfig(**tiny_settings(shard_size=1))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -22,6 +22,7 @@ foo = pytest.importorskip("fiftyone.operators")
 
 from click.testing import CliRunner  # noqa: E402
 from fiftyone_data import CLASS_IDS, make_store  # noqa: E402
+from tiny import tiny_settings  # noqa: E402
 
 from diffumask_datasets.cli.fiftyone import plugin as plugin_command  # noqa: E402
 from diffumask_datasets.errors import DiffuMaskError  # noqa: E402
@@ -324,17 +325,10 @@ def test_generated_store_end_to_end(tiny, tmp_path):
     masks, refinement chain and model name."""
     from diffumask_datasets.build import GenerationConfig, build_dataset
 
-    config = GenerationConfig.from_definition(
-        "voc",
-        model="builtin:tiny-random",
-        classes=["bird", "dog"],
-        images_per_class=1,
-        num_inference_steps=2,
-        resolution=64,
-        seed=0,
-        refinement="threshold",
-        batch_size=2,
+    settings = tiny_settings(
+        images_per_class=1, num_inference_steps=2, refinement="threshold", batch_size=2
     )
+    config = GenerationConfig.from_definition("voc", **settings)
     store = build_dataset(tmp_path / "out", "voc", config, progress=False, engine=tiny)
     ds = to_fiftyone(store.path, media_dir=tmp_path / "media", progress=False)
     try:

@@ -161,3 +161,22 @@ def test_a_named_model_goes_to_the_best_device(monkeypatch):
     DiffuMask("builtin:tiny-random", device="cpu")
     DiffuMask("builtin:tiny-random", dtype="bfloat16")
     assert moves == [("cuda", "float16"), ("cpu", None), ("cuda", "bfloat16")]
+
+
+def test_one_capture_refined_several_ways_equals_generating_with_each(tiny):
+    captured = list(tiny.captures(PROMPTS, classes=CLASSES, refinement="separate", **SMALL))
+    for method in ("affinity", "adaptive", "separate"):
+        generated = tiny(PROMPTS, classes=CLASSES, refinement=method, **SMALL)
+        refined = [s for maps in captured for s in tiny.refine_captured(maps, method)]
+        assert [s.meta for s in refined] == [s.meta for s in generated]
+        for a, b in zip(refined, generated, strict=True):
+            np.testing.assert_array_equal(a.mask, b.mask)
+            assert a.quality == b.quality and a.image.tobytes() == b.image.tobytes()
+
+
+def test_a_capture_refuses_a_refinement_that_reads_other_maps(tiny):
+    maps = next(tiny.captures(PROMPTS[:1], classes=CLASSES[:1], refinement="threshold", **SMALL))
+    with pytest.raises(DiffuMaskError, match="needs the self-attention affinity"):
+        tiny.refine_captured(maps, "separate")
+    with pytest.raises(DiffuMaskError, match=r"capture options \{'steps': \(0, 1\)\}"):
+        tiny.refine_captured(maps, {"method": "threshold", "steps": [0, 1]})

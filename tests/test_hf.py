@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import tiny_settings
 
 import diffumask_datasets.datasets_builder  # noqa: F401  (registers the names where no .pth is installed)
 from diffumask_datasets.errors import DiffuMaskError
@@ -20,15 +21,7 @@ from diffumask_datasets.resources import builders_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # The acceptance line, with one shard per sample so that a kill leaves some done.
-ARGS = dict(
-    model="builtin:tiny-random",
-    classes=["bird", "dog"],
-    images_per_class=2,
-    num_inference_steps=3,
-    resolution=64,
-    seed=0,
-    shard_size=1,
-)
+ARGS = tiny_settings(shard_size=1)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -27,11 +27,13 @@ def test_the_console_entry_point_is_the_cli_group_with_every_verb_in_order():
     main = getattr(importlib.import_module(module), attribute)
     assert main.list_commands(None) == [
         "generate",
+        "label",
         "info",
         "verify",
         "export",
         "filter",
         "evaluate",
+        "score",
         "clean",
         "splice",
         "shapes",
@@ -158,3 +160,22 @@ def test_generate_help_shows_the_setting_each_option_sets():
     )
     assert (config.images_per_class, config.num_inference_steps, config.resolution) == (3, 5, 72)
     assert config.classes == ["dog"] and config.seed == 0
+
+
+def test_only_the_store_reads_shard_files():
+    readers = sorted(
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if "pyarrow" in _imports_text(path)
+    )
+    assert readers == ["store.py"], readers
+
+
+def _imports_text(path: Path) -> str:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append(node.module or "")
+    return " ".join(names)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_settings
 
 from diffumask_datasets import DiffuMask
 from diffumask_datasets.capture import CaptureOptions, trace
@@ -313,17 +314,10 @@ def test_flux_through_load_dataset(tmp_path, monkeypatch):
     import diffumask_datasets.datasets_builder  # noqa: F401  (registers the names)
 
     monkeypatch.chdir(tmp_path)
-    ds = load_dataset(
-        "diffumask-voc",
-        model="builtin:tiny-random-flux",
-        classes=["bird", "dog"],
-        images_per_class=1,
-        num_inference_steps=2,
-        resolution=64,
-        seed=0,
-        split="train",
-        cache_dir=str(tmp_path / "cache"),
+    settings = tiny_settings(
+        model="builtin:tiny-random-flux", images_per_class=1, num_inference_steps=2
     )
+    ds = load_dataset("diffumask-voc", split="train", cache_dir=str(tmp_path / "cache"), **settings)
     assert len(ds) == 2 and ds[0]["mask"].size == (64, 64)
     assert all("tiny-random-flux" in str(row["meta"]) for row in ds)
 

@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+from tiny import tiny_settings
 
 from diffumask_datasets import shards
 from diffumask_datasets.build import GenerationConfig, build_dataset
@@ -80,17 +81,8 @@ def test_the_caller_stopping_early_cancels_queued_jobs():
 
 
 def config(**changes) -> GenerationConfig:
-    return GenerationConfig(
-        model="builtin:tiny-random",
-        classes=["bird", "dog"],
-        num_inference_steps=2,
-        resolution=64,
-        images_per_class=3,
-        shard_size=4,
-        batch_size=2,
-        seed=3,
-        **changes,
-    )
+    settings = dict(num_inference_steps=2, images_per_class=3, shard_size=4, batch_size=2, seed=3)
+    return GenerationConfig(**tiny_settings(**{**settings, **changes}))
 
 
 def digest(path) -> dict[str, str]:

@@ -73,7 +73,7 @@ def affinity_from_regions(regions, size, rng, sharpness=20.0):
     return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-@pytest.mark.parametrize("method", ["threshold", "adaptive", "affinity"])
+@pytest.mark.parametrize("method", ["threshold", "adaptive", "affinity", "separate"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_recovers_known_masks_from_synthetic_attention(method, seed):
     rng = np.random.default_rng(seed)
@@ -300,12 +300,64 @@ def test_the_colour_step_needs_images_at_mask_size():
         )
 
 
-def test_affinity_methods_need_an_affinity():
+@pytest.mark.parametrize("method", ["affinity", "adaptive", "separate"])
+def test_affinity_methods_need_an_affinity(method):
     rng = np.random.default_rng(0)
     with pytest.raises(DiffuMaskError, match="needs the self-attention affinity"):
-        refine(
-            {"bird": multires(disc((32, 32), 9), rng)}, {"bird": 1}, SIZE, Refinement("affinity")
-        )
+        refine({"bird": multires(disc((32, 32), 9), rng)}, {"bird": 1}, SIZE, Refinement(method))
+
+
+def two_objects_that_attend_to_each_other(seed):
+    """Two separated objects, a circle and a star, as the shapes model sees them: the
+    self-attention links the objects to each other as much as to themselves, the finer
+    cross-attention maps attend to both objects for both classes, and only the coarsest
+    tell the classes apart. Returns (maps, affinity, image, circle, star)."""
+    rng = np.random.default_rng(seed)
+    circle, star = disc((18, 18), 10), disc((46, 44), 10)
+    both = circle | star
+    maps = {
+        "circle": {
+            (32, 32): attention_field(both, rng, 32),
+            (8, 8): attention_field(circle, rng, 8),
+        },
+        "star": {(32, 32): attention_field(both, rng, 32), (8, 8): attention_field(star, rng, 8)},
+    }
+    image = np.ones((3, *SIZE), np.float32)
+    image[:, circle] = np.array([0.9, 0.1, 0.1])[:, None]
+    image[:, star] = np.array([0.1, 0.2, 0.9])[:, None]
+    return maps, affinity_from_regions(both.astype(int), 16, rng), image, circle, star
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_separate_keeps_each_object_its_own_class(seed):
+    maps, affinity, image, circle, star = two_objects_that_attend_to_each_other(seed)
+    ids = {"circle": 1, "star": 4}
+    params = {"band": 0.0, "min_area": 0.01}
+    masks = {
+        method: refine(
+            maps, ids, SIZE, Refinement(method, **params), affinity, (16, 16), image=image
+        ).mask
+        for method in ("affinity", "separate")
+    }
+    assert iou(masks["separate"] == 1, circle) >= 0.9
+    assert iou(masks["separate"] == 4, star) >= 0.9
+    # the walk through the affinity spreads one class over both objects
+    assert len(set(np.unique(masks["affinity"][circle | star])) - {0}) == 1
+
+
+def test_separate_with_one_class_is_affinity():
+    rng = np.random.default_rng(0)
+    bird = disc((30, 28), 12)
+    maps = {"bird": multires(bird, rng)}
+    affinity = affinity_from_regions(bird.astype(int), 16, rng)
+    image = np.stack([bird.astype(np.float32)] * 3)
+    out = {
+        m: refine(maps, {"bird": 1}, SIZE, Refinement(m), affinity, (16, 16), image=image)
+        for m in ("affinity", "separate")
+    }
+    np.testing.assert_array_equal(out["separate"].mask, out["affinity"].mask)
+    assert out["separate"].quality == pytest.approx(out["affinity"].quality, abs=1e-6)
+    assert {"step": "classes", "from": "cross", "size": [16, 16]} in out["separate"].chain
 
 
 # -- the torch refinement against the numpy one it replaced ---------------------------------
@@ -439,7 +491,7 @@ def batch_inputs(images=3):
     return maps, np.stack(affinities)
 
 
-@pytest.mark.parametrize("method", ["threshold", "adaptive", "affinity"])
+@pytest.mark.parametrize("method", ["threshold", "adaptive", "affinity", "separate"])
 def test_batched_equals_per_image(method):
     maps, affinity = batch_inputs()
     params = Refinement(method=method, min_area=0.01)

@@ -215,6 +215,10 @@ def test_contact_sheet_grid_and_overlay(tmp_path):
     assert (blended[scenes[0].mask > 0] != scenes[0].image[scenes[0].mask > 0]).any()
     with pytest.raises(DiffuMaskError, match="2 images but 1 masks"):
         contact_sheet([scenes[0].image] * 2, [scenes[0].mask], tmp_path / "x.png")
+    # alpha reaches the overlay: a fainter overlay keeps more of the image
+    faint = contact_sheet([scenes[0].image], [scenes[0].mask], tmp_path / "f.png", alpha=0.1)
+    strong = contact_sheet([scenes[0].image], [scenes[0].mask], tmp_path / "g.png", alpha=0.9)
+    assert not np.array_equal(np.asarray(Image.open(faint)), np.asarray(Image.open(strong)))
 
 
 # ---------------------------------------------------------------- shipped model
@@ -325,3 +329,50 @@ def test_generated_single_object_mask_overlaps_the_object(shapes_pipe):
         chance.append(drawn.mean())
     assert np.mean(ious) >= MIN_OBJECT_IOU, ious
     assert np.mean(ious) >= 2 * np.mean(chance), (ious, chance)
+
+
+def test_the_definitions_refinement_names_each_of_two_objects_by_its_own_class(shapes_pipe):
+    """Two prompted shapes: the two largest drawn objects carry the prompt's two classes,
+    one each (the walk through the affinity alone gave both objects one class on all four
+    of these prompts); the masks do not depend on the batch size."""
+    from scipy import ndimage
+
+    from diffumask_datasets import DiffuMask
+    from diffumask_datasets.definitions import load_definition
+
+    prompts = [
+        ("a photo of a red circle and a blue square on a white background", ["circle", "square"]),
+        (
+            "a photo of a yellow star and a green triangle on a black background",
+            ["star", "triangle"],
+        ),
+        (
+            "a photo of a purple square and a yellow circle on a gray background",
+            ["square", "circle"],
+        ),
+        ("a photo of a blue triangle and a red star on a cream background", ["triangle", "star"]),
+    ]
+    runs = [
+        DiffuMask(shapes_pipe)(
+            [p for p, _ in prompts],
+            classes=[c for _, c in prompts],
+            seed=0,
+            num_inference_steps=20,
+            guidance_scale=4.0,
+            class_ids=sw.CLASS_IDS,
+            refinement=load_definition("shapes").defaults["refinement"],
+            batch_size=batch_size,
+        )
+        for batch_size in (4, 1)
+    ]
+    samples = runs[0]
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
+    for sample, (prompt, shapes) in zip(samples, prompts, strict=True):
+        objects, count = ndimage.label(sw.foreground_mask(np.asarray(sample.image)))
+        sizes = ndimage.sum(objects > 0, objects, range(1, count + 1))
+        named = set()
+        for k in np.argsort(sizes)[::-1][:2] + 1:
+            labels = sample.mask[(objects == k) & (sample.mask != 255)]
+            named.add(int(np.bincount(labels, minlength=256)[1:255].argmax()) + 1)
+        assert named == {sw.CLASS_IDS[s] for s in shapes}, prompt

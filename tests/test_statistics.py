@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from test_cli import synthetic_records
 
 from diffumask_datasets.cards import render_card
 from diffumask_datasets.cli import main
@@ -21,7 +21,7 @@ from diffumask_datasets.statistics import (
     shard_summary,
     store_statistics,
 )
-from diffumask_datasets.store import Record, make_manifest, open_store, write_store
+from diffumask_datasets.store import make_manifest, open_store, write_store
 
 NAMES = {0: "background", 3: "bird", 12: "dog", 15: "person"}
 
@@ -77,42 +77,23 @@ def test_an_empty_dataset_has_zero_figures():
     assert stats["background_share"] == 0.0 and stats["quality"]["histogram"] == [0] * 10
 
 
-def _records(count: int = 5, size: int = 16):
-    rng = np.random.default_rng(3)
-    for index in range(count):
-        name, class_id = [("bird", 3), ("dog", 12)][index % 2]
-        mask = np.zeros((size, size), np.uint8)
-        mask[: 2 + index, : 3 + index] = class_id
-        mask[-1, :2] = 255
-        yield Record(
-            index=index,
-            image=Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
-            mask=mask,
-            prompt=f"a photo of a {name}",
-            seed=index,
-            classes=[name],
-            quality=0.1 + 0.2 * index,
-            attention={name: rng.random((4, 4)).astype(np.float32)},
-        )
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     manifest = make_manifest(
         load_definition("voc"),
         {"model": "builtin:tiny-random", "classes": ["bird", "dog"]},
         "figures",
-        num_samples=5,
+        num_samples=6,
         shard_size=2,
-        attention_size=4,
+        attention_size=8,
     )
-    return write_store(tmp_path_factory.mktemp("figures") / "ds", _records(), manifest)
+    return write_store(tmp_path_factory.mktemp("figures") / "ds", synthetic_records(), manifest)
 
 
 def test_the_store_reads_masks_classes_and_quality_alone(store):
     got = list(store.masks())
     records = list(store.records())
-    assert len(got) == len(records) == 5
+    assert len(got) == len(records) == 6
     for (mask, classes, quality), record in zip(got, records, strict=True):
         assert np.array_equal(mask, record.mask) and mask.dtype == np.uint8
         assert classes == record.classes and quality == pytest.approx(record.quality)

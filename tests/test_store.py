@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import tiny_settings
 
 from diffumask_datasets.build import CorruptShardWarning, GenerationConfig, build_dataset
 from diffumask_datasets.definitions import load_definition
@@ -18,13 +19,7 @@ from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.store import DIGESTS, MANIFEST, file_digest, open_store, write_store
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(
-    model="builtin:tiny-random",
-    classes=["bird", "dog"],
-    num_inference_steps=3,
-    resolution=64,
-    seed=0,
-)
+SMALL = tiny_settings()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -390,6 +390,7 @@ def default_affinity_blocks(model) -> tuple[int, ...]:
 
 
 def default_affinity_factor(model) -> int:
+    """The resolution an MMDiT model's affinity is kept at: 1, its one grid of image tokens."""
     return 1  # one resolution: the grid of image tokens
 
 

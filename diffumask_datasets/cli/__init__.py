@@ -2,6 +2,7 @@
 
     generate.py  generate            info.py     info, verify
     export.py    export, filter      quality.py  evaluate, clean, splice, shapes render
+    label.py     label, score
     fiftyone.py  app, plugin (loaded when named: FiftyOne is optional)
 
 Heavy libraries (torch, diffusers, datasets, fiftyone) are imported inside the commands
@@ -103,6 +104,7 @@ Errors print one line and exit non-zero; DIFFUMASK_DEBUG=1 shows tracebacks.
     __version__, "--version", "-V", prog_name=PROG, message="%(prog)s %(version)s"
 )
 def main() -> None:
+    """The `diffumask` command: one verb per job (its help text is MAIN_HELP)."""
     pass
 
 
@@ -110,9 +112,11 @@ def _register() -> None:
     from .export import export, filter_command
     from .generate import generate
     from .info import info, verify
+    from .label import label, score
     from .quality import clean, evaluate, shapes, splice
 
-    for command in (generate, info, verify, export, filter_command, evaluate, clean, splice):
+    commands = (generate, label, info, verify, export, filter_command, evaluate, score)
+    for command in (*commands, clean, splice):
         main.add_command(command)
     main.add_command(shapes)
 

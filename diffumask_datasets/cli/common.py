@@ -44,6 +44,8 @@ def at_least_one(example: int):
 
 
 def check_size(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """Click callback: `--size` must be a positive multiple of 8; the error offers the
+    nearest ones."""
     if value is None:
         return value
     if value < 8 or value % 8:
@@ -77,16 +79,19 @@ def parse_class_list(value: str | None) -> list[str] | None:
 
 
 def check_classes(ctx: click.Context, param: click.Parameter, value: str | None):
+    """Click callback: `--classes a,b` as a list of names (None: every class)."""
     return parse_class_list(value)
 
 
 def check_fraction(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """Click callback: `--val-fraction` must lie in [0, 1)."""
     if not 0.0 <= value < 1.0:
         raise click.BadParameter(f"{value} is outside [0, 1); e.g. 0.1 puts 10% in val")
     return value
 
 
 def check_quality(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """Click callback: a quality bound must lie in [0, 1]."""
     if not 0.0 <= value <= 1.0:
         raise click.BadParameter(f"{value} is outside [0, 1]; quality scores lie in [0, 1]")
     return value
@@ -103,10 +108,13 @@ def destination_option(command):
 
 
 def is_empty_dir(path: Path) -> bool:
+    """Whether `path` is a folder with nothing in it."""
     return path.is_dir() and not any(path.iterdir())
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
+    """Refuse an `--out` that is a file, or a non-empty folder without `--resume`, so two
+    datasets never mix."""
     if out.exists() and not out.is_dir():
         raise DiffuMaskError(f"--out {out} is a file; give a folder for the dataset")
     if out.is_dir() and not is_empty_dir(out) and not resume:

@@ -60,21 +60,20 @@ def trainer_options(defaults: str):
     return decorate
 
 
-def train_settings(
-    base: Any, segmenter, train_steps, batch_size, size, seed, device, splice, **_: Any
-) -> Any:
-    """`base` (a TrainSettings) with the options given on the command line."""
+# The options trainer_options adds, and the TrainSettings field each sets where the
+# names differ.
+TRAINER_OPTIONS = ("segmenter", "train_steps", "batch_size", "size", "seed", "device", "splice")
+TRAIN_SETTING_NAMES = {"train_steps": "steps"}
+
+
+def train_settings(base: Any, **options: Any) -> Any:
+    """`base` (a quality.TrainSettings: the command's defaults) with the trainer options
+    given on the command line (an option left out, None, keeps base's value; other
+    options are left out)."""
     from dataclasses import replace
 
-    given = {"segmenter": segmenter, "steps": train_steps, "size": size}
-    return replace(
-        base,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        splice=splice,
-        **{k: v for k, v in given.items() if v is not None},
-    )
+    given = {TRAIN_SETTING_NAMES.get(k, k): options[k] for k in TRAINER_OPTIONS}
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
 EVALUATE_EPILOG = f"""\b

@@ -27,16 +27,13 @@ import numpy as np
 from PIL import Image
 
 from .common import (
-    DEFAULT_VAL_FRACTION,
     SPLITS,
     ExportSummary,
     RecordLike,
     assign_splits,
-    check_class_names,
-    checked_records,
+    export_run,
     sample_name,
     split_names,
-    staged_destination,
 )
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -78,6 +75,7 @@ def mask_annotations(mask: np.ndarray, class_ids: Iterable[int]) -> list[dict[st
 
 
 def coco_categories(class_names: Mapping[int, str]) -> list[dict[str, Any]]:
+    """The COCO `categories` list: one entry per class id, named as in the definition."""
     return [{"id": i, "name": name, "supercategory": "object"} for i, name in class_names.items()]
 
 
@@ -85,16 +83,12 @@ def export_coco(
     records: Iterable[RecordLike],
     class_names: Mapping[int, str],
     dest: str | os.PathLike,
-    *,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    overwrite: bool = False,
-    total: int | None = None,
-    progress: bool = False,
-    source: Path | None = None,
+    **options: Any,
 ) -> ExportSummary:
-    """Write `records` as a COCO instances dataset (plus semantic PNGs) under `dest`."""
-    class_names = check_class_names(class_names)
-    with staged_destination(Path(dest), overwrite, source) as root:
+    """Write `records` as a COCO instances dataset (plus semantic PNGs) under `dest`;
+    `options`: the fields of `ExportOptions`."""
+    with export_run("coco", records, class_names, dest, options) as run:
+        root, class_names, source = run.root, run.class_names, run.options.source
         # Files are written flat while streaming (the split needs every index), then
         # moved into their split folders by rename.
         flat_images, flat_semantic = root / "images" / ".all", root / "semantic" / ".all"
@@ -102,10 +96,7 @@ def export_coco(
         flat_semantic.mkdir(parents=True)
         images: dict[int, dict[str, Any]] = {}
         annotations: dict[int, list[dict[str, Any]]] = {}
-        checked = checked_records(
-            records, class_names, total=total, progress=progress, desc="export coco"
-        )
-        for record, mask in checked:
+        for record, mask in run.records:
             name = sample_name(record.index)
             record.image.convert("RGB").save(flat_images / f"{name}.png")
             Image.fromarray(mask).save(flat_semantic / f"{name}.png")
@@ -123,7 +114,7 @@ def export_coco(
             }
             annotations[record.index] = mask_annotations(mask, class_names)
 
-        split_of = assign_splits(list(images), val_fraction)
+        split_of = assign_splits(list(images), run.options.val_fraction)
         splits = split_names(split_of)
         created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         n_annotations = 0

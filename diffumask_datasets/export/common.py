@@ -61,6 +61,7 @@ def _split_rank(index: int) -> bytes:
 
 
 def check_val_fraction(val_fraction: float) -> float:
+    """`val_fraction` as a float, or a DiffuMaskError when it is outside [0, 1)."""
     if not 0.0 <= val_fraction < 1.0:
         raise DiffuMaskError(
             f"--val-fraction {val_fraction} is outside [0, 1); give the share of samples "
@@ -84,6 +85,8 @@ def assign_splits(indices: Sequence[int], val_fraction: float) -> dict[int, str]
 
 
 def split_names(split_of: Mapping[int, str]) -> dict[str, list[str]]:
+    """The sample names of each split (train, val), in index order, from a map of sample
+    index to split."""
     return {
         split: [sample_name(i) for i in sorted(split_of) if split_of[i] == split]
         for split in SPLITS
@@ -204,3 +207,46 @@ def checked_records(
             )
         seen.add(record.index)
         yield record, mask
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """The keyword options every format takes (export_voc, export_coco, export_hf)."""
+
+    val_fraction: float = DEFAULT_VAL_FRACTION  # share of the samples in the val split
+    overwrite: bool = False  # replace a destination that is not empty
+    total: int | None = None  # how many records there are, for the progress bar
+    progress: bool = False  # a progress bar on stderr
+    source: Path | None = None  # the store exported: a destination inside it is refused
+
+
+@dataclass
+class ExportRun:
+    """One export under way: its options, its checked class names, the staging folder it
+    writes into (renamed to the destination when the run ends well), and its records
+    through the one checked loop."""
+
+    options: ExportOptions
+    class_names: dict[int, str]
+    root: Path
+    records: Iterator[tuple[RecordLike, np.ndarray]]
+
+
+@contextmanager
+def export_run(
+    fmt: str,
+    records: Iterable[RecordLike],
+    class_names: Mapping[int, str],
+    dest: str | os.PathLike,
+    options: Mapping[str, Any],
+) -> Iterator[ExportRun]:
+    """The frame of every format: options and class names checked, a staging folder that
+    replaces `dest` only when the format's writing ends without an error."""
+    settings = ExportOptions(**options)
+    check_val_fraction(settings.val_fraction)
+    names = check_class_names(class_names)
+    with staged_destination(Path(dest), settings.overwrite, settings.source) as root:
+        checked = checked_records(
+            records, names, total=settings.total, progress=settings.progress, desc=f"export {fmt}"
+        )
+        yield ExportRun(settings, names, root, checked)

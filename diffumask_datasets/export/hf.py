@@ -34,14 +34,11 @@ from typing import Any
 
 from ..errors import DiffuMaskError
 from .common import (
-    DEFAULT_VAL_FRACTION,
     ExportSummary,
     RecordLike,
     assign_splits,
-    check_class_names,
-    checked_records,
+    export_run,
     split_names,
-    staged_destination,
 )
 
 HF_LAYOUTS = ("parquet", "disk")
@@ -91,19 +88,15 @@ def export_hf(
     dest: str | os.PathLike,
     *,
     store: Any = None,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    overwrite: bool = False,
-    total: int | None = None,
-    progress: bool = False,
-    source: Path | None = None,
     layout: str = "parquet",
     push_to_hub: str | None = None,
     card: str | None = None,
+    **options: Any,
 ) -> ExportSummary:
     """Write `records` as a Hugging Face dataset (train + validation) under `dest`.
 
     `card` overrides the dataset card (default: the store's definition card, which needs
-    `store`).
+    `store`); `options`: the fields of `ExportOptions`.
     """
     import datasets
 
@@ -117,24 +110,25 @@ def export_hf(
         )
     if card is None and store is None:
         raise DiffuMaskError("export_hf needs a store (for its dataset card) or a card text")
-    objects = check_class_names(class_names)
-    with_background = {0: dict(class_names).get(0, "background"), **objects}
-    class_ids = {name: class_id for class_id, name in objects.items()}
-    checked = checked_records(records, objects, total=total, progress=progress, desc="export hf")
-    first = next(checked, None)
-    if first is None:
-        raise DiffuMaskError("the dataset has no samples; there is nothing to export")
-    attention_size = store.attention_size if store is not None else _attention_size(first[0])
-    features = store_features(with_background, attention_size)
-
-    def rows():
-        for record, _ in itertools.chain([first], checked):
-            yield record_to_row(record, class_ids, attention_size)
-
     was_enabled = datasets.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # our own bar counts the samples
     try:
-        with staged_destination(Path(dest), overwrite, source) as root:
+        with export_run("hf", records, class_names, dest, options) as run:
+            objects, root = run.class_names, run.root
+            with_background = {0: dict(class_names).get(0, "background"), **objects}
+            class_ids = {name: class_id for class_id, name in objects.items()}
+            first = next(run.records, None)
+            if first is None:
+                raise DiffuMaskError("the dataset has no samples; there is nothing to export")
+            attention_size = (
+                store.attention_size if store is not None else _attention_size(first[0])
+            )
+            features = store_features(with_background, attention_size)
+
+            def rows():
+                for record, _ in itertools.chain([first], run.records):
+                    yield record_to_row(record, class_ids, attention_size)
+
             cache = root / ".cache"
             # An explicit fingerprint: datasets would otherwise try to hash (pickle) the
             # generator, whose closure holds the store's record iterator.
@@ -152,7 +146,7 @@ def export_hf(
                     raise exc.__cause__ from None
                 raise
             indices = [int(i) for i in full["index"]]
-            split_of = assign_splits(indices, val_fraction)
+            split_of = assign_splits(indices, run.options.val_fraction)
             names = split_names(split_of)
             parts = {}
             for split, hf_split in HF_SPLITS.items():

@@ -20,21 +20,12 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .common import (
-    DEFAULT_VAL_FRACTION,
-    ExportSummary,
-    RecordLike,
-    assign_splits,
-    check_class_names,
-    checked_records,
-    sample_name,
-    split_names,
-    staged_destination,
-)
+from .common import ExportSummary, RecordLike, assign_splits, export_run, sample_name, split_names
 
 VOC_SUBDIR = Path("VOCdevkit") / "VOC2012"
 JPEG_QUALITY = 95
@@ -69,16 +60,12 @@ def export_voc(
     records: Iterable[RecordLike],
     class_names: Mapping[int, str],
     dest: str | os.PathLike,
-    *,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    overwrite: bool = False,
-    total: int | None = None,
-    progress: bool = False,
-    source: Path | None = None,
+    **options: Any,
 ) -> ExportSummary:
-    """Write `records` as a VOC 2012 segmentation dataset under `dest`."""
-    class_names = check_class_names(class_names)
-    with staged_destination(Path(dest), overwrite, source) as root:
+    """Write `records` as a VOC 2012 segmentation dataset under `dest`; `options`: the
+    fields of `ExportOptions` (val_fraction, overwrite, total, progress, source)."""
+    with export_run("voc", records, class_names, dest, options) as run:
+        root, class_names, source = run.root, run.class_names, run.options.source
         voc = root / VOC_SUBDIR
         images_dir = voc / "JPEGImages"
         masks_dir = voc / "SegmentationClass"
@@ -86,10 +73,7 @@ def export_voc(
         for folder in (images_dir, masks_dir, sets_dir):
             folder.mkdir(parents=True)
         indices: list[int] = []
-        checked = checked_records(
-            records, class_names, total=total, progress=progress, desc="export voc"
-        )
-        for record, mask in checked:
+        for record, mask in run.records:
             name = sample_name(record.index)
             # 4:4:4 chroma keeps thin structures' colours next to the exact masks.
             record.image.convert("RGB").save(
@@ -97,6 +81,7 @@ def export_voc(
             )
             palette_png(mask).save(masks_dir / f"{name}.png")
             indices.append(record.index)
+        val_fraction = run.options.val_fraction
         split_of = assign_splits(indices, val_fraction)
         splits = split_names(split_of)
         for split, names in splits.items():

@@ -68,6 +68,7 @@ DICT_FIELDS = ("class_areas", "refinement")
 
 
 def attention_field(slug: str) -> str:
+    """The FiftyOne field name of a class's attention heatmap (`attention_<slug>`)."""
     return ATTENTION_PREFIX + slug
 
 
@@ -89,6 +90,7 @@ def dataset_info(index: MediaIndex) -> dict[str, Any]:
 
 
 def check_files(index: MediaIndex) -> None:
+    """Raise a DiffuMaskError naming the first file of the media folder that is missing."""
     missing = index.missing_files()
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

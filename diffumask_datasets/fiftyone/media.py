@@ -45,6 +45,7 @@ from PIL import Image
 
 from ..errors import DiffuMaskError
 from ..sample import IGNORE
+from ..store import StoredRecord
 
 INDEX_NAME = "diffumask.json"
 MARKER_NAME = ".diffumask-media"  # written first: this folder is ours to fill
@@ -63,6 +64,7 @@ def class_slug(name: str) -> str:
 
 
 def sample_stem(index: int) -> str:
+    """The file stem of a sample in the media folder: its store index, zero-padded."""
     return f"{index:06d}"
 
 
@@ -169,6 +171,7 @@ class MediaIndex:
 
 
 def is_media_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a media folder written by diffumask (it holds the index file)."""
     return os.path.isfile(os.path.join(path, INDEX_NAME))
 
 
@@ -210,26 +213,10 @@ def read_media(root: str | os.PathLike) -> MediaIndex:
 # -- sources ------------------------------------------------------------------------
 
 
-@dataclass
-class SourceRecord:
-    """What the media writer needs of one sample, whatever its source.
-
-    `image_png`/`mask_png`: the sample's PNG files as stored, when the source has them;
-    they are written as they are (no decoding and re-encoding), and `image` may then be
-    None.
-    """
-
-    index: int
-    image: Image.Image | None
-    mask: np.ndarray
-    prompt: str
-    seed: int
-    classes: list[str]
-    quality: float
-    attention: dict[str, np.ndarray]
-    meta: dict[str, Any]
-    image_png: bytes | None = None
-    mask_png: bytes | None = None
+# What the media writer needs of one sample, whatever its source: a Record, with the
+# sample's PNG files as stored when the source has them (written as they are, no decoding
+# and re-encoding; `image` may then be None).
+SourceRecord = StoredRecord
 
 
 @dataclass
@@ -260,6 +247,8 @@ def source_from_records(
     description: str = "records",
     total: int | None = None,
 ) -> Source:
+    """A Source over any iterable of records (store records or rows of a Hugging Face
+    dataset), with the class names and a fingerprint that names its media folder."""
     return Source(
         fingerprint=fingerprint,
         description=description,
@@ -304,6 +293,7 @@ def encode_map(array: np.ndarray) -> bytes:
 
 
 def decode_map(blob: bytes) -> np.ndarray:
+    """An attention map back from its stored bytes (a compressed `.npy`)."""
     return np.load(io.BytesIO(zlib.decompress(blob)), allow_pickle=False)
 
 

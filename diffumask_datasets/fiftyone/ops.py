@@ -39,6 +39,9 @@ _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 @dataclass(frozen=True)
 class ClassInfo:
+    """A class of a loaded dataset as the operators see it: id, name, the slug used in field
+    names, and its attention field."""
+
     id: int
     name: str
     slug: str
@@ -46,6 +49,8 @@ class ClassInfo:
 
 
 def diffumask_info(dataset: fo.Dataset | None) -> dict[str, Any]:
+    """The diffumask part of a dataset's `info` (classes, media folder, store), or a
+    DiffuMaskError when the dataset was not loaded by diffumask-datasets."""
     if dataset is None:
         raise DiffuMaskError("no dataset is open; open one loaded by diffumask-datasets")
     info = (dataset.info or {}).get(INFO_KEY)
@@ -58,6 +63,7 @@ def diffumask_info(dataset: fo.Dataset | None) -> dict[str, Any]:
 
 
 def dataset_classes(dataset: fo.Dataset) -> list[ClassInfo]:
+    """The classes of a dataset loaded by diffumask-datasets, in id order."""
     return [
         ClassInfo(c["id"], c["name"], c["slug"], c["attention_field"])
         for c in diffumask_info(dataset)["classes"]
@@ -88,6 +94,8 @@ def mask_fields(dataset: fo.Dataset) -> list[str]:
 
 
 def check_fraction(name: str, value: Any, allow_none: bool = True) -> str | None:
+    """None when `value` is a number in [0, 1] (or None where allowed), else the message
+    that says what to fix; the forms show it as the user types."""
     if value is None:
         return None if allow_none else f"{name} is required: a number in [0, 1]"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -98,12 +106,15 @@ def check_fraction(name: str, value: Any, allow_none: bool = True) -> str | None
 
 
 def check_range(low_name: str, low: Any, high_name: str, high: Any) -> str | None:
+    """None when `low` <= `high` (or either is None), else the message."""
     if low is not None and high is not None and float(low) > float(high):
         return f"{low_name} ({low}) is larger than {high_name} ({high}); nothing could match"
     return None
 
 
 def check_classes(dataset: fo.Dataset, names: Iterable[str] | None) -> str | None:
+    """None when every name is a class of the dataset, else the message naming the first
+    unknown one and the dataset's classes."""
     known = [c.name for c in dataset_classes(dataset)]
     unknown = [n for n in (names or []) if n not in known]
     if unknown:
@@ -112,6 +123,8 @@ def check_classes(dataset: fo.Dataset, names: Iterable[str] | None) -> str | Non
 
 
 def check_new_field(dataset: fo.Dataset, name: Any) -> str | None:
+    """None when `name` can hold new masks (a valid field name that no field of the dataset
+    uses yet), else the message."""
     if not isinstance(name, str) or not name:
         return "give a field name for the new masks, e.g. refined_t060"
     if not _FIELD_NAME.match(name) or keyword.iskeyword(name):
@@ -134,12 +147,15 @@ def check_new_field(dataset: fo.Dataset, name: Any) -> str | None:
 
 
 def check_tag(tag: Any) -> str | None:
+    """None when `tag` is a non-empty string, else the message."""
     if not isinstance(tag, str) or not tag.strip():
         return "give a tag name, e.g. bad"
     return None
 
 
 def check_export_destination(dataset: fo.Dataset, dest: Any, overwrite: bool) -> str | None:
+    """None when `dest` is an absolute folder an export may write to (empty, or replaced
+    with `overwrite`, outside the media folder), else the message."""
     from ..export import check_destination
 
     if not isinstance(dest, str) or not dest.strip():
@@ -155,6 +171,7 @@ def check_export_destination(dataset: fo.Dataset, dest: Any, overwrite: bool) ->
 
 
 def raise_unknown_mask_field(dataset: fo.Dataset, name: str) -> None:
+    """Raise a DiffuMaskError naming `name` and the dataset's mask fields."""
     raise DiffuMaskError(
         f"{name!r} is not a mask field of this dataset; choose one of {mask_fields(dataset)}"
     )
@@ -165,6 +182,7 @@ def _save_mask(mask: np.ndarray, path: str) -> None:
 
 
 def raise_if(message: str | None) -> None:
+    """Raise a DiffuMaskError with `message` when there is one (the checks' result)."""
     if message:
         raise DiffuMaskError(message)
 
@@ -358,6 +376,7 @@ def tag_samples(
 
 
 def exclude_tagged(collection, tag: str = DEFAULT_BAD_TAG) -> fo.DatasetView:
+    """The view of `collection` without the samples tagged `tag`."""
     raise_if(check_tag(tag))
     return collection.match_tags(tag, bool=False)
 

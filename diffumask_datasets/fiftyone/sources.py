@@ -45,56 +45,9 @@ def source_from_store(store: Any) -> Source:
         description=str(store.path),
         name=str(store.manifest.get("name") or store.path.name),
         class_names=foreground_classes(store.class_names),
-        records=_store_rows(store),
+        records=store.stored_records(),
         total=len(store),
     )
-
-
-STORE_COLUMNS = ("index", "image", "mask", "prompt", "seed", "classes", "quality", "attention")
-
-
-def _store_rows(store: Any) -> Iterator[Any]:
-    """The store's rows with their PNG bytes as stored (Parquet with the `datasets`
-    Image encoding, {"bytes", "path"}), so media are written without re-encoding; any
-    shard in another layout is read through `store.records()` instead."""
-    import pyarrow.parquet as pq
-
-    id_to_name = dict(store.class_names)
-    for shard, path in enumerate(store.data_files()):
-        table = pq.read_table(path)
-        if set(STORE_COLUMNS) <= set(table.column_names):
-            yield from _table_rows(table, id_to_name)
-        else:  # a layout this reader does not know: the store's own decoding
-            yield from store.shard_records(shard)
-
-
-def _table_rows(table: Any, id_to_name: Mapping[int, str]) -> Iterator[SourceRecord]:
-    columns = {
-        name: table.column(name).to_pylist() for name in table.column_names if name != "attention"
-    }
-    maps: list[Any] = []
-    for chunk in table.column("attention").chunks:
-        maps.extend(chunk.to_numpy(zero_copy_only=False))
-    for row in range(table.num_rows):
-        names = [id_to_name[int(i)] for i in columns["classes"][row]]
-        stacked = [np.asarray(m, dtype=np.float32) for m in maps[row]]
-        mask_png = columns["mask"][row]["bytes"]
-        with Image.open(io.BytesIO(mask_png)) as mask:
-            mask_ids = np.asarray(mask, dtype=np.uint8)
-        meta = columns.get("meta", [None] * table.num_rows)[row]
-        yield SourceRecord(
-            index=int(columns["index"][row]),
-            image=None,
-            mask=mask_ids,
-            prompt=columns["prompt"][row],
-            seed=int(columns["seed"][row]),
-            classes=names,
-            quality=float(columns["quality"][row]),
-            attention=dict(zip(names, stacked, strict=True)),
-            meta=json.loads(meta) if meta else {},
-            image_png=columns["image"][row]["bytes"],
-            mask_png=mask_png,
-        )
 
 
 def source_from_hf(dataset: Any) -> Source:

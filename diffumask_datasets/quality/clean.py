@@ -34,6 +34,7 @@ from .segmenter import FCN, TrainSettings, train_segmenter
 
 
 def check_keep(keep: float) -> float:
+    """`keep` as a float, or a DiffuMaskError when it is outside (0, 1]."""
     if not 0.0 < keep <= 1.0:
         raise DiffuMaskError(
             f"--keep {keep} is outside (0, 1]; give the share of samples to keep, e.g. 0.7"
@@ -54,6 +55,8 @@ def check_rank_by(rank_by: str) -> str:
 
 
 def check_folds(folds: int, samples: int) -> int:
+    """`folds`, or a DiffuMaskError when there are fewer than 2 folds or fewer samples than
+    folds."""
     if folds < 2:
         raise DiffuMaskError(
             f"--folds {folds} is too few: cross-validation needs at least 2 folds, e.g. 3"

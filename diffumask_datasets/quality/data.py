@@ -55,6 +55,8 @@ def find_voc_root(path: str | Path) -> Path | None:
 
 
 def voc_class_names(root: Path) -> dict[int, str]:
+    """The class names by id of a VOC folder: from our export's `diffumask.json` when it is
+    there, else the 20 PASCAL VOC classes."""
     info = root / "diffumask.json"
     if info.is_file():
         classes = json.loads(info.read_text()).get("classes", {})
@@ -63,6 +65,7 @@ def voc_class_names(root: Path) -> dict[int, str]:
 
 
 def voc_splits(root: Path) -> list[str]:
+    """The split names of a VOC folder (the files of `ImageSets/Segmentation/`)."""
     return sorted(p.stem for p in (root / "ImageSets" / "Segmentation").glob("*.txt"))
 
 

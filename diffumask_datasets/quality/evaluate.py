@@ -22,12 +22,19 @@ from .segmenter import Segmenter, TrainSettings, train_segmenter
 
 @dataclass
 class Score:
+    """A segmenter's test score: mIoU over background and the training classes, and the IoU
+    of each class."""
+
     miou: float
     per_class: dict[str, float]  # class name -> IoU (NaN: absent from test and prediction)
 
 
 @dataclass
 class Evaluation:
+    """What `evaluate` measured: the score of the segmenter trained on the synthetic data
+    and, with `real_train`, of the one trained on real data (`synthetic_over_real`), with
+    the settings, image counts and seconds."""
+
     train: str
     real: str
     split: str

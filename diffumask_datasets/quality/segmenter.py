@@ -5,7 +5,7 @@ A SegFormer from transformers: by default a small configuration built from scrat
 (`segmenter="nvidia/mit-b0"`), whose head is re-made for our classes. `builtin:fcn` is
 a small dilated FCN (~36 k parameters, the network of benchmarks/shapes_quality.py):
 from scratch on a CPU it learns the shapes world several times faster per step than the
-small SegFormer (BENCHMARKS.md), which is why the shapes ablation uses it.
+small SegFormer (docs/lab/shapes-quality.md), which is why the shapes ablation uses it.
 
 Images are resized to a square `size` (masks by nearest neighbour); pixels labelled 255
 are ignored by the loss. Seeded: the same data and
@@ -128,6 +128,7 @@ def build_segmenter(num_labels: int, name_or_path: str | None = None):
 
 
 def pick_device(device: str | None) -> str:
+    """`device`, or cuda when there is a GPU, else cpu."""
     import torch
 
     return device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -49,21 +49,46 @@ def _mask_field_input(inputs: types.Object, dataset, label: str) -> types.Proper
     return inputs.enum("mask_field", fields, default=fields[0], label=label, view=types.Dropdown())
 
 
-class FilterSamples(foo.Operator):
+class _Operator(foo.Operator):
+    """An operator of this plugin: its config from the class attributes below; its form
+    (`form`) only where a DiffuMask dataset is open, a notice elsewhere."""
+
+    NAME = ""
+    LABEL = ""  # shown after "DiffuMask: " in the operator browser
+    DESCRIPTION = ""
+    RISK = "low"  # FiftyOne's risk level: low, medium
+
     @property
     def config(self):
         return foo.OperatorConfig(
-            name="filter_samples",
-            label="DiffuMask: filter samples",
-            description="Show samples by quality, class and mask area",
+            name=self.NAME,
+            label=f"DiffuMask: {self.LABEL}",
+            description=self.DESCRIPTION,
             dynamic=True,
-            risk_level="low",
+            risk_level=self.RISK,
         )
 
     def resolve_input(self, ctx):
         inputs = types.Object()
         if (notice := _no_dataset(ctx, inputs)) is not None:
             return notice
+        return self.form(ctx, inputs)
+
+    def form(self, ctx, inputs):
+        """The operator's form on an open DiffuMask dataset."""
+        raise NotImplementedError
+
+
+class FilterSamples(_Operator):
+    """Operator `filter_samples`: a view by quality range, classes named, mask area and
+    per-class area, on `ground_truth` or a re-refined field."""
+
+    NAME = "filter_samples"
+    LABEL = "filter samples"
+    DESCRIPTION = "Show samples by quality, class and mask area"
+    RISK = "low"
+
+    def form(self, ctx, inputs):
         dataset = ctx.dataset
         params = ctx.params
         _fraction_input(inputs, ctx, "min_quality", "min quality", "Keep quality >= this")
@@ -125,21 +150,16 @@ class FilterSamples(foo.Operator):
         return types.Property(outputs)
 
 
-class RerefineSamples(foo.Operator):
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="rerefine_samples",
-            label="DiffuMask: re-refine masks",
-            description="Recompute masks from the stored attention into a new field",
-            dynamic=True,
-            risk_level="medium",
-        )
+class RerefineSamples(_Operator):
+    """Operator `rerefine_samples`: masks of the chosen samples recomputed from their stored
+    attention with another threshold, band and minimum area, into a new field."""
 
-    def resolve_input(self, ctx):
-        inputs = types.Object()
-        if (notice := _no_dataset(ctx, inputs)) is not None:
-            return notice
+    NAME = "rerefine_samples"
+    LABEL = "re-refine masks"
+    DESCRIPTION = "Recompute masks from the stored attention into a new field"
+    RISK = "medium"
+
+    def form(self, ctx, inputs):
         params = ctx.params
         inputs.view_target(ctx, action_description="Re-refine")
         higher = "Background level: higher keeps fewer pixels"
@@ -189,21 +209,16 @@ def _default_field(threshold: Any) -> str:
         return "refined"
 
 
-class TagBadSamples(foo.Operator):
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="tag_bad_samples",
-            label="DiffuMask: tag and exclude bad samples",
-            description="Tag the selected samples (or those below a quality) and hide them",
-            dynamic=True,
-            risk_level="medium",
-        )
+class TagBadSamples(_Operator):
+    """Operator `tag_bad_samples`: tag (or untag) the selected samples, or those below a
+    quality, and hide them."""
 
-    def resolve_input(self, ctx):
-        inputs = types.Object()
-        if (notice := _no_dataset(ctx, inputs)) is not None:
-            return notice
+    NAME = "tag_bad_samples"
+    LABEL = "tag and exclude bad samples"
+    DESCRIPTION = "Tag the selected samples (or those below a quality) and hide them"
+    RISK = "medium"
+
+    def form(self, ctx, inputs):
         params = ctx.params
         inputs.view_target(ctx, action_description="Tag", default_target="SELECTED_SAMPLES")
         tag = inputs.str("tag", label="tag", default=ops.DEFAULT_BAD_TAG)
@@ -239,21 +254,16 @@ class TagBadSamples(foo.Operator):
         return types.Property(outputs)
 
 
-class ClassStatistics(foo.Operator):
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="class_statistics",
-            label="DiffuMask: per-class mask statistics",
-            description="Samples, pixel shares and quality per class",
-            dynamic=True,
-            risk_level="low",
-        )
+class ClassStatistics(_Operator):
+    """Operator `class_statistics`: per class, samples naming it, samples with pixels, areas
+    and mean quality."""
 
-    def resolve_input(self, ctx):
-        inputs = types.Object()
-        if (notice := _no_dataset(ctx, inputs)) is not None:
-            return notice
+    NAME = "class_statistics"
+    LABEL = "per-class mask statistics"
+    DESCRIPTION = "Samples, pixel shares and quality per class"
+    RISK = "low"
+
+    def form(self, ctx, inputs):
         inputs.view_target(ctx, action_description="Summarise", allow_selected_samples=True)
         _mask_field_input(inputs, ctx.dataset, "mask field")
         return types.Property(inputs, view=types.View(label="Per-class mask statistics"))
@@ -281,21 +291,16 @@ class ClassStatistics(foo.Operator):
         return types.Property(outputs)
 
 
-class ExportView(foo.Operator):
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="export_view",
-            label="DiffuMask: export to VOC or COCO",
-            description="Write the current view as a VOC or COCO dataset",
-            dynamic=True,
-            risk_level="medium",
-        )
+class ExportView(_Operator):
+    """Operator `export_view`: the current view exported to VOC or COCO with the package's
+    exporters."""
 
-    def resolve_input(self, ctx):
-        inputs = types.Object()
-        if (notice := _no_dataset(ctx, inputs)) is not None:
-            return notice
+    NAME = "export_view"
+    LABEL = "export to VOC or COCO"
+    DESCRIPTION = "Write the current view as a VOC or COCO dataset"
+    RISK = "medium"
+
+    def form(self, ctx, inputs):
         params = ctx.params
         inputs.view_target(ctx, action_description="Export")
         formats = list(ops.EXPORT_FORMATS)
@@ -335,9 +340,86 @@ class ExportView(foo.Operator):
         return types.Property(outputs)
 
 
-OPERATORS = (FilterSamples, RerefineSamples, TagBadSamples, ClassStatistics, ExportView)
+class LabelSamples(_Operator):
+    """Label the images of any dataset or view with a diffusion model's masks into a
+    new Segmentation field (fiftyone.model.label_samples), its mask targets set."""
+
+    NAME = "label_samples"
+    LABEL = "label samples"
+    DESCRIPTION = "Masks for the images of the dataset or view from a diffusion model"
+    RISK = "medium"
+
+    def resolve_input(self, ctx):
+        # any image dataset, not only DiffuMask ones: no notice
+        return self.form(ctx, types.Object())
+
+    def form(self, ctx, inputs):
+        from diffumask_datasets.fiftyone import model as fmodel
+
+        params = ctx.params
+        inputs.view_target(ctx, action_description="Label")
+        inputs.str(
+            "model",
+            label="model",
+            description="A built-in alias, a hub id or a local diffusers folder",
+            default=fmodel.default_model(ctx.dataset),
+        )
+        classes = inputs.list(
+            "classes", types.String(), label="classes", description="The classes to label"
+        )
+        if not params.get("classes"):
+            _invalidate(classes, "name at least one class, e.g. dog")
+        inputs.str(
+            "prompt",
+            label="prompt",
+            description="Naming every class; empty: 'a photo of a dog and a cat'",
+            default="",
+        )
+        from diffumask_datasets.label import DEFAULT_STRENGTH
+
+        about = "Noise level (share of steps)"
+        _fraction_input(inputs, ctx, "strength", "strength", about, DEFAULT_STRENGTH)
+        inputs.int("steps", label="denoising steps", default=50, min=1)
+        inputs.float("guidance", label="guidance scale", default=7.5)
+        field = inputs.str("field", label="new mask field", default="diffumask")
+        _invalidate(field, fmodel.check_label_field(ctx.dataset, params.get("field", "diffumask")))
+        return types.Property(inputs, view=types.View(label="Label samples with DiffuMask"))
+
+    def execute(self, ctx):
+        from diffumask_datasets.fiftyone import model as fmodel
+
+        params = ctx.params
+        model = fmodel.DiffuMaskModel(
+            params.get("model") or fmodel.default_model(ctx.dataset),
+            classes=params["classes"],
+            prompt=params.get("prompt") or None,
+            strength=params.get("strength"),  # None: the default
+            num_inference_steps=int(params.get("steps", 50)),
+            guidance_scale=float(params.get("guidance", 7.5)),
+        )
+        field = params.get("field") or "diffumask"
+        count = fmodel.label_samples(ctx.target_view(), model, field)
+        ctx.ops.reload_dataset()
+        return {"field": field, "count": count}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("field", label="new mask field")
+        outputs.int("count", label="samples labelled")
+        return types.Property(outputs)
+
+
+OPERATORS = (
+    FilterSamples,
+    RerefineSamples,
+    TagBadSamples,
+    ClassStatistics,
+    ExportView,
+    LabelSamples,
+)
 
 
 def register(p):
+    """Register the DiffuMask operators with FiftyOne (called when the plugin loads)."""
     for operator in OPERATORS:
         p.register(operator)
