@@ -218,3 +218,13 @@ def test_the_run_estimate_leaves_out_the_slow_first_steps(monkeypatch, capsys):
     # 50 s + 20 s timed, then 75 steps of 1 s: 145 s; timing every step from the start
     # would have said 70 / 25 * 100 = 280 s
     assert "run: about 2 min" in capsys.readouterr().err
+
+
+def test_ten_training_steps_train(tmp_path):
+    # torch's OneCycleLR divided by zero when a tenth of the steps was exactly one step
+    from diffumask_datasets.quality import train_segmenter
+
+    records = list(make_store(tmp_path / "s", 4).records())
+    settings = TrainSettings(steps=10, batch_size=2, size=16, segmenter="builtin:fcn")
+    segmenter = train_segmenter([r.image for r in records], [r.mask for r in records], 5, settings)
+    assert segmenter.predict([records[0].image])[0].shape == records[0].mask.shape
