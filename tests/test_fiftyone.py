@@ -610,3 +610,38 @@ def test_a_cleaned_dataset_shows_and_filters_on_consistency(plugins_dir, store_d
     assert result.result["count"] == sum(v >= cut for v in shown.values())
     message = validation_error("filter_samples", ds, params={"min_consistency": 2.0})
     assert "min consistency = 2.0 is outside [0, 1]" in message
+
+
+def test_a_cleaned_dataset_carries_its_held_out_prediction_evaluated_by_fiftyone(
+    store_dir, tmp_path
+):
+    from diffumask_datasets.quality import TrainSettings, clean_store
+    from diffumask_datasets.quality.clean import held_out_path
+
+    fast = TrainSettings(steps=2, batch_size=4, size=32, segmenter="builtin:fcn")
+    cleaned, summary = clean_store(store_dir, tmp_path / "clean", 3, 0.7, fast, progress=False)
+    kept = [r.index for r in cleaned.records()]
+    masks = {r.index: r.mask for r in cleaned.records()}
+    assert all(held_out_path(cleaned.path, i).is_file() for i in kept)
+    # two predictions of known worth: one right wherever the mask labels a pixel (and
+    # wrong on its ignored pixels, which must not count), one that finds no object
+    right, blind = kept[0], kept[1]
+    Image.fromarray(np.where(masks[right] == 255, 3, masks[right]).astype(np.uint8)).save(
+        held_out_path(cleaned.path, right)
+    )
+    Image.fromarray(np.zeros_like(masks[blind])).save(held_out_path(cleaned.path, blind))
+
+    ds = to_fiftyone(cleaned.path, media_dir=tmp_path / "media", progress=False)
+    assert ds.mask_targets["held_out"] == ds.mask_targets["ground_truth"]
+    # FiftyOne's own evaluation ran: the panel's run and the per-sample fields exist
+    assert "held_out" in ds.list_evaluations()
+    assert ds.get_evaluation_info("held_out").config.pred_field == "held_out"
+    assert len(ds.exists("held_out")) == summary["kept"] == len(kept)
+    by_index = {s.index: s for s in ds}
+    assert by_index[right].held_out.mask_path == str(held_out_path(cleaned.path, right))
+    for name in ("accuracy", "precision", "recall"):
+        assert by_index[right][f"held_out_{name}"] == 1.0
+    assert by_index[blind].held_out_recall == 0.0
+    # sorting by it works as on any model's predictions
+    ordered = ds.sort_by("held_out_accuracy").values("held_out_accuracy")
+    assert ordered == sorted(ordered) and ordered[-1] == 1.0

@@ -11,43 +11,53 @@ import click
 
 from .common import PROG, at_least_one, check_fraction, destination_option
 
+# What evaluate and clean train when an option is left out: evaluate a small SegFormer at
+# the images' size (quality.TrainSettings), clean the small FCN at 64 px
+# (quality.CLEAN_SETTINGS, chosen on the noise benchmark). Kept as text so that --help
+# does not import the trainer.
+EVALUATE_DEFAULTS = "a small SegFormer from scratch, 600 steps, at the first image's side"
+CLEAN_DEFAULTS = "builtin:fcn (a small conv net), 600 steps, at 64 px (minutes on a CPU)"
 
-def trainer_options(command):
-    """The segmenter options shared by evaluate and clean."""
-    options = [
-        click.option(
-            "--segmenter",
-            metavar="NAME_OR_PATH",
-            help="A SegFormer checkpoint (hub id or folder, e.g. nvidia/mit-b0), or "
-            "builtin:fcn (a small conv net, fast on a CPU). Default: a small SegFormer "
-            "trained from scratch.",
-        ),
-        click.option(
-            "--train-steps",
-            type=int,
-            default=600,
-            show_default=True,
-            callback=at_least_one(600),
-            help="Optimiser steps of each segmenter training.",
-        ),
-        click.option(
-            "--batch-size", type=int, default=16, show_default=True, callback=at_least_one(16)
-        ),
-        click.option(
-            "--size",
-            type=int,
-            callback=at_least_one(64),
-            help="Train and test at size x size. Default: the first training image's side.",
-        ),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", help="torch device, e.g. cuda or cpu. Default: cuda if present."),
-        click.option(
-            "--splice", is_flag=True, help="Splice half of each batch into 2x2 mosaics on the fly."
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+
+def trainer_options(defaults: str):
+    """The segmenter options shared by evaluate and clean; left out, an option takes the
+    command's own default (`defaults` says which in --help)."""
+
+    def decorate(command):
+        options = [
+            click.option(
+                "--segmenter",
+                metavar="NAME_OR_PATH",
+                help="A SegFormer checkpoint (hub id or folder, e.g. nvidia/mit-b0), or "
+                f"builtin:fcn (a small conv net, fast on a CPU). Default: {defaults}.",
+            ),
+            click.option(
+                "--train-steps",
+                type=int,
+                callback=at_least_one(600),
+                help="Optimiser steps of each segmenter training.",
+            ),
+            click.option(
+                "--batch-size", type=int, default=16, show_default=True, callback=at_least_one(16)
+            ),
+            click.option(
+                "--size", type=int, callback=at_least_one(64), help="Train and test at size x size."
+            ),
+            click.option("--seed", type=int, default=0, show_default=True),
+            click.option(
+                "--device", help="torch device, e.g. cuda or cpu. Default: cuda if present."
+            ),
+            click.option(
+                "--splice",
+                is_flag=True,
+                help="Splice half of each batch into 2x2 mosaics on the fly.",
+            ),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
 # The options trainer_options adds, and the TrainSettings field each sets where the
@@ -56,11 +66,14 @@ TRAINER_OPTIONS = ("segmenter", "train_steps", "batch_size", "size", "seed", "de
 TRAIN_SETTING_NAMES = {"train_steps": "steps"}
 
 
-def train_settings(**options: Any) -> Any:
-    """The quality.TrainSettings of the trainer options (other options are left out)."""
-    from ..quality import TrainSettings
+def train_settings(base: Any, **options: Any) -> Any:
+    """`base` (a quality.TrainSettings: the command's defaults) with the trainer options
+    given on the command line (an option left out, None, keeps base's value; other
+    options are left out)."""
+    from dataclasses import replace
 
-    return TrainSettings(**{TRAIN_SETTING_NAMES.get(k, k): options[k] for k in TRAINER_OPTIONS})
+    given = {TRAIN_SETTING_NAMES.get(k, k): options[k] for k in TRAINER_OPTIONS}
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
 EVALUATE_EPILOG = f"""\b
@@ -89,17 +102,17 @@ other classes are ignored.
     metavar="SPLIT",
     help="Also train on this split of REAL and print synthetic_over_real.",
 )
-@trainer_options
+@trainer_options(EVALUATE_DEFAULTS)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate(
     train: Path, real: Path, split: str, real_train: str | None, as_json: bool, **options: Any
 ) -> None:
     """Train a segmenter on TRAIN and report its IoU per class on REAL."""
+    from ..quality import TrainSettings
     from ..quality import evaluate as run_evaluation
 
-    result = run_evaluation(
-        train, real, split=split, real_train=real_train, settings=train_settings(**options)
-    )
+    settings = train_settings(TrainSettings(), **options)
+    result = run_evaluation(train, real, split=split, real_train=real_train, settings=settings)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
@@ -114,12 +127,23 @@ def _check_keep(ctx: click.Context, param: click.Parameter, value: float) -> flo
 
 CLEAN_EPILOG = f"""\b
 Examples:
-  {PROG} clean out/shapes --folds 3 --keep 0.7 --to out/shapes-clean
-  {PROG} info out/shapes-clean
+  {PROG} clean out/shapes --to out/shapes-clean
+  {PROG} clean out/shapes --folds 3 --keep 0.5 --to out/shapes-clean
+  {PROG} clean out/shapes --to out/shapes-clean --size 128 --train-steps 2000   # on a GPU
+  {PROG} app out/shapes-clean
 
-Each kept sample's meta holds its consistency; the new manifest's "clean" entry holds
-the settings and every sample's consistency. The source dataset is not changed.
+Each kept sample's meta holds its consistency and its combined score (the rank average
+of consistency and the attention's quality); the new manifest's "clean" entry holds the
+settings and every sample's scores. Each kept sample's held-out prediction is saved in
+held_out/; `{PROG} app` shows it beside the mask, evaluated by FiftyOne (sort by
+held_out_accuracy). The source dataset is not changed.
 """
+
+
+def _check_rank_by(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from ..quality.clean import check_rank_by
+
+    return check_rank_by(value)
 
 
 @click.command(epilog=CLEAN_EPILOG, short_help="Noise learning: drop inconsistent masks.")
@@ -135,15 +159,35 @@ the settings and every sample's consistency. The source dataset is not changed.
 )
 @destination_option
 @click.option("--no-priors", is_flag=True, help="Ignore the definition's per-class priors.")
-@trainer_options
+@click.option(
+    "--rank-by",
+    default="consistency",
+    show_default=True,
+    callback=_check_rank_by,
+    help="The score that decides what is kept: consistency, or combined (the rank average "
+    "of consistency and the attention's quality score).",
+)
+@trainer_options(CLEAN_DEFAULTS)
 def clean(
-    directory: Path, folds: int, keep: float, dest: Path, no_priors: bool, **options: Any
+    directory: Path,
+    folds: int,
+    keep: float,
+    dest: Path,
+    no_priors: bool,
+    rank_by: str,
+    **options: Any,
 ) -> None:
     """Rank the samples of DIRECTORY by K-fold consistency; keep the best in --to."""
-    from ..quality import clean_store
+    from ..quality import CLEAN_SETTINGS, clean_store
 
     store, summary = clean_store(
-        directory, dest, folds, keep, train_settings(**options), use_priors=not no_priors
+        directory,
+        dest,
+        folds,
+        keep,
+        train_settings(CLEAN_SETTINGS, **options),
+        use_priors=not no_priors,
+        rank_by=rank_by,
     )
     click.echo(
         f"kept {summary['kept']} of {summary['samples']} samples in {dest} "

@@ -15,9 +15,11 @@ Importing this package does not import fiftyone (the CLI imports it for `app` an
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DiffuMaskError
+from .media import is_media_dir
 from .sources import materialize
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,7 +51,10 @@ def to_fiftyone(
     "ignore"), `attention_<class>` (Heatmap of the soft attention map in [0, 1], one per
     class present), `classes` (Classifications), `prompt`, `seed`, `model`, `quality`,
     `mask_area`, `ignore_area`, `class_areas`, `refinement` (method, parameters, chain),
-    `index` (the sample's index in the store).
+    `index` (the sample's index in the store); in a dataset made by `diffumask clean`,
+    `consistency`, and `held_out` (the held-out prediction, a Segmentation) evaluated
+    against `ground_truth` by FiftyOne's `evaluate_segmentations` under the key
+    `held_out` (see `diffumask_datasets.fiftyone.evaluation`).
 
     Args:
         source: a generated dataset folder, an opened Store, a `datasets.Dataset`, or a
@@ -62,6 +67,7 @@ def to_fiftyone(
     """
     import fiftyone as fo
 
+    from .evaluation import add_held_out, has_held_out
     from .importer import DiffuMaskDatasetImporter
 
     if name is not None and fo.dataset_exists(name) and not overwrite:
@@ -72,6 +78,19 @@ def to_fiftyone(
     index = materialize(source, media_dir=media_dir, progress=progress)
     importer = DiffuMaskDatasetImporter(dataset_dir=str(index.root))
     importer.index = index
-    return fo.Dataset.from_importer(
+    dataset = fo.Dataset.from_importer(
         importer, name=name, persistent=persistent, overwrite=overwrite, progress=progress
     )
+    store_dir = _store_dir(source)
+    if store_dir is not None and has_held_out(store_dir):
+        add_held_out(dataset, store_dir)
+    return dataset
+
+
+def _store_dir(source: Any) -> Path | None:
+    """The folder of a store given as a path or an opened Store, else None."""
+    if isinstance(source, (str, os.PathLike)) and not is_media_dir(source):
+        return Path(source)
+    if hasattr(source, "records") and hasattr(source, "manifest"):
+        return Path(source.path)
+    return None

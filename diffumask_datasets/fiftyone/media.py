@@ -390,7 +390,13 @@ def _media_sample(
     fractions = pixel_fractions(mask, class_names)
     extra = {
         key: meta[key]
-        for key in ("negative_prompt", "num_inference_steps", "guidance_scale", "consistency")
+        for key in (
+            "negative_prompt",
+            "num_inference_steps",
+            "guidance_scale",
+            "consistency",
+            "combined_score",
+        )
         if meta.get(key) is not None
     }
     return MediaSample(

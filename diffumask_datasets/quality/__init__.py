@@ -6,24 +6,29 @@
     splice_store("out/shapes", "out/shapes-spliced", grid=(2, 2), count=200)
 
 One segmenter trainer (segmenter.py) serves all three; data.py reads stores and VOC
-folders; metrics.py holds the IoU arithmetic.
+folders; metrics.py holds the IoU arithmetic; corruptions.py makes masks bad on purpose
+(the kinds noise learning is measured against, benchmarks/noise.py).
 """
 
 from __future__ import annotations
 
-from .clean import clean_store, consistency_scores
+from . import corruptions
+from .clean import CLEAN_SETTINGS, clean_store, combine_scores, consistency_scores
 from .data import LabelledSet, load_training, load_voc
 from .evaluate import Evaluation, evaluate
 from .segmenter import Segmenter, TrainSettings, train_segmenter
 from .splice import mosaic, splice_store
 
 __all__ = [
+    "CLEAN_SETTINGS",
     "Evaluation",
     "LabelledSet",
     "Segmenter",
     "TrainSettings",
     "clean_store",
+    "combine_scores",
     "consistency_scores",
+    "corruptions",
     "evaluate",
     "load_training",
     "load_voc",

@@ -7,12 +7,20 @@ that prediction over background and the classes of its prompt (pixels its mask i
 left out). A mask that disagrees with what the rest of the data teaches is likely wrong.
 `clean_store` keeps the top fraction by consistency, after the definition's per-class
 priors (e.g. `prior: {area: [0.05, 0.5]}`) have ruled out masks of implausible size.
+
+Scores a cleaned sample carries: `consistency` (above; what clean ranks by unless told
+otherwise), the attention's own `quality` (from generation; blind to a mask that went
+wrong after the attention, e.g. one swapped or taken from another image), and
+`combined_score`, the rank average of the two (`combine_scores`; `rank_by="combined"`).
+Which to trust is measured by benchmarks/noise.py against masks made bad on purpose
+(quality/corruptions.py).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +30,7 @@ import numpy as np
 from diffumask_datasets.errors import DiffuMaskError
 
 from .metrics import IGNORE, sample_iou
-from .segmenter import TrainSettings, train_segmenter
+from .segmenter import FCN, TrainSettings, train_segmenter
 
 
 def check_keep(keep: float) -> float:
@@ -32,6 +40,18 @@ def check_keep(keep: float) -> float:
             f"--keep {keep} is outside (0, 1]; give the share of samples to keep, e.g. 0.7"
         )
     return float(keep)
+
+
+RANK_BY = ("consistency", "combined")
+
+
+def check_rank_by(rank_by: str) -> str:
+    if rank_by not in RANK_BY:
+        raise DiffuMaskError(
+            f"--rank-by {rank_by!r} is not a score clean ranks by; use consistency (the "
+            "default) or combined"
+        )
+    return rank_by
 
 
 def check_folds(folds: int, samples: int) -> int:
@@ -60,13 +80,64 @@ def fold_of(samples: int, folds: int, seed: int) -> np.ndarray:
     return assignment
 
 
+# What `clean` trains unless told otherwise, chosen on the noise benchmark
+# (benchmarks/noise.py, BENCHMARKS.md): the small FCN learns the data in a CPU budget where
+# the from-scratch SegFormer does not, so its disagreement with a mask speaks of the mask;
+# at 64 px it found clearly more partial and bleeding masks than at 32 px, for about three
+# times the compute (minutes for 256 samples on a 2-core CPU).
+CLEAN_SETTINGS = TrainSettings(segmenter=FCN, steps=600, size=64, learning_rate=3e-3)
+
+# the folder of a cleaned store that holds the held-out predictions (held_out_path)
+HELD_OUT_DIR = "held_out"
+
+
+def held_out_predictions(
+    images: Sequence[Any],
+    masks: Sequence[np.ndarray],
+    classes: Sequence[Sequence[int]],
+    num_labels: int,
+    folds: int = 3,
+    settings: TrainSettings = CLEAN_SETTINGS,
+    progress: bool = True,
+    known_classes: bool = False,
+) -> list[np.ndarray]:
+    """Each sample's mask as predicted by a segmenter trained on the other folds (see
+    consistency_scores); with progress, one bar over all K trainings and, once the first
+    steps are timed, a line with the estimated time of the whole run."""
+    check_folds(folds, len(images))
+    assignment = fold_of(len(images), folds, settings.seed)
+    on_step = None
+    if progress:
+        on_step = RunClock(folds * settings.steps, describe(settings, folds))
+    predictions: list[np.ndarray | None] = [None] * len(images)
+    for k in range(folds):
+        held = np.flatnonzero(assignment == k)
+        rest = np.flatnonzero(assignment != k)
+        segmenter = train_segmenter(
+            [images[i] for i in rest],
+            [masks[i] for i in rest],
+            num_labels,
+            settings,
+            progress=False,
+            on_step=on_step,
+        )
+        only = [[0, *classes[i]] for i in held] if known_classes else None
+        for i, pred in zip(
+            held, segmenter.predict([images[i] for i in held], only=only), strict=True
+        ):
+            predictions[i] = pred
+    if on_step is not None:
+        on_step.close()
+    return predictions  # type: ignore[return-value]
+
+
 def consistency_scores(
     images: Sequence[Any],
     masks: Sequence[np.ndarray],
     classes: Sequence[Sequence[int]],
     num_labels: int,
     folds: int = 3,
-    settings: TrainSettings = TrainSettings(),
+    settings: TrainSettings = CLEAN_SETTINGS,
     progress: bool = True,
     known_classes: bool = False,
 ) -> np.ndarray:
@@ -76,25 +147,88 @@ def consistency_scores(
     image shows, so the segmenter's confusions with other classes (which say nothing
     about the mask) do not count against it. Off by default: on the shapes ablation it
     ranked masks no better and found fewer corrupted samples (BENCHMARKS.md)."""
-    check_folds(folds, len(images))
-    assignment = fold_of(len(images), folds, settings.seed)
-    scores = np.full(len(images), np.nan)
-    for k in range(folds):
-        held = np.flatnonzero(assignment == k)
-        rest = np.flatnonzero(assignment != k)
-        segmenter = train_segmenter(
-            [images[i] for i in rest],
-            [masks[i] for i in rest],
-            num_labels,
-            settings,
-            progress,
-            f"fold {k + 1}/{folds}",
-        )
-        only = [[0, *classes[i]] for i in held] if known_classes else None
-        predictions = segmenter.predict([images[i] for i in held], only=only)
-        for i, pred in zip(held, predictions, strict=True):
-            scores[i] = sample_iou(masks[i], pred, [0, *classes[i]])
-    return scores
+    predictions = held_out_predictions(
+        images, masks, classes, num_labels, folds, settings, progress, known_classes
+    )
+    return consistency_of(masks, predictions, classes)
+
+
+def consistency_of(
+    masks: Sequence[np.ndarray],
+    predictions: Sequence[np.ndarray],
+    classes: Sequence[Sequence[int]],
+) -> np.ndarray:
+    """Each sample's mean IoU between its mask and its held-out prediction over
+    background and its classes (pixels the mask ignores left out)."""
+    return np.array(
+        [
+            sample_iou(mask, pred, [0, *ids])
+            for mask, pred, ids in zip(masks, predictions, classes, strict=True)
+        ]
+    )
+
+
+def combine_scores(scores: Sequence[np.ndarray]) -> np.ndarray:
+    """Several per-sample scores (higher better) as one: the mean of their ranks, each
+    scaled to [0, 1] (0 the worst sample, 1 the best; ties share their mean rank). No
+    weights to fit, and a score's scale never matters, only its order."""
+    from scipy.stats import rankdata
+
+    if not scores:
+        raise DiffuMaskError("combine_scores needs at least one score")
+    ranks = []
+    for score in scores:
+        score = np.asarray(score, dtype=np.float64)
+        scale = max(len(score) - 1, 1)
+        ranks.append((rankdata(np.nan_to_num(score, nan=-np.inf)) - 1) / scale)
+    return np.mean(ranks, axis=0)
+
+
+def describe(settings: TrainSettings, folds: int) -> str:
+    from .segmenter import pick_device
+
+    name = settings.segmenter or "small SegFormer"
+    size = f"{settings.size} px" if settings.size else "image size"
+    return (
+        f"noise learning: {folds} trainings of {name} at {size}, {settings.steps} steps "
+        f"each, on {pick_device(settings.device)}"
+    )
+
+
+class RunClock:
+    """A progress bar over every step of a run of trainings, which also prints one line
+    with the estimated time of the whole run once `warmup` steps after the first `skip`
+    are timed (the first steps pay for building the model and are not typical)."""
+
+    def __init__(self, total: int, what: str, skip: int = 5, warmup: int = 20):
+        import time
+
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="noise learning", unit="step", dynamic_ncols=True)
+        self.what, self.total, self.done = what, total, 0
+        self.skip, self.report_at = min(skip, total - 1), min(skip + warmup, total)
+        self.began = self.timed_from = time.monotonic()
+
+    def __call__(self) -> None:
+        import time
+
+        self.done += 1
+        self.bar.update(1)
+        now = time.monotonic()
+        if self.done == self.skip:
+            self.timed_from = now
+        if self.done == self.report_at:
+            per_step = (now - self.timed_from) / max(self.done - max(self.skip, 0), 1)
+            estimate = format_seconds(now - self.began + per_step * (self.total - self.done))
+            self.bar.write(f"{self.what}: about {estimate}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def area_fraction(mask: np.ndarray, class_id: int) -> float:
@@ -127,38 +261,76 @@ def choose_kept(scores: np.ndarray, allowed: np.ndarray, keep: float) -> np.ndar
     return np.array(sorted(ranked[:wanted]), dtype=np.int64)
 
 
+def held_out_path(store_dir: str | os.PathLike, index: int) -> Path:
+    """Where a cleaned store keeps sample `index`'s held-out prediction: an id PNG (the
+    mask's conventions) under `held_out/`, beside the store's own files."""
+    return Path(store_dir) / HELD_OUT_DIR / f"{index:06d}.png"
+
+
+def write_held_out(
+    store_dir: str | os.PathLike, indices: Sequence[int], predictions: Sequence[np.ndarray]
+) -> None:
+    from PIL import Image
+
+    for index, prediction in zip(indices, predictions, strict=True):
+        path = held_out_path(store_dir, int(index))
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(np.asarray(prediction, np.uint8), mode="L").save(path, compress_level=1)
+
+
+def check_has_objects(masks: Sequence[np.ndarray], source: str) -> None:
+    """Refuse a dataset none of whose masks shows an object: nothing to learn from."""
+    if not any(bool(((m != 0) & (m != IGNORE)).any()) for m in masks):
+        raise DiffuMaskError(
+            f"{source!r} has no masks to clean: every mask is background or ignore; "
+            "clean a dataset made by `diffumask generate` (or check its refinement)"
+        )
+
+
 def clean_store(
     store: Any,
     dest: str | os.PathLike,
     folds: int = 3,
     keep: float = 0.7,
-    settings: TrainSettings = TrainSettings(),
+    settings: TrainSettings = CLEAN_SETTINGS,
     use_priors: bool = True,
     progress: bool = True,
+    rank_by: str = "consistency",
 ):
     """Noise learning on a store (a Store or its path): writes the kept samples, each with
-    its `consistency` in meta, as a new store at `dest`; the source is only read. The new
-    manifest's `clean` entry records the settings and every sample's consistency.
-    Returns (new Store, summary dict)."""
+    its `consistency` and `combined_score` in meta, as a new store at `dest`; the source is
+    only read. `rank_by` chooses the score that decides what is kept: "consistency" (the
+    default) or "combined" (the rank average of consistency and the attention's quality
+    score, `combine_scores`). The new manifest's `clean` entry records the settings and
+    every sample's scores; each
+    kept sample's held-out prediction is saved beside the store (`held_out_path`), which
+    is what FiftyOne evaluates the masks against. Returns (new Store, summary dict)."""
     from diffumask_datasets.export import check_destination, progress_bar, staged_destination
     from diffumask_datasets.store import open_store, write_store
 
     check_keep(keep)
+    check_rank_by(rank_by)
     if isinstance(store, (str, os.PathLike)):
         store = open_store(store)
     check_folds(folds, len(store))
     check_destination(Path(dest), False, Path(store.path))
     records = list(progress_bar(store.records(), total=len(store), desc="read", enabled=progress))
+    masks = [r.mask for r in records]
+    check_has_objects(masks, str(store.path))
     class_ids = store.definition.class_ids
-    scores = consistency_scores(
+    classes = [[class_ids[c] for c in r.classes] for r in records]
+    predictions = held_out_predictions(
         [r.image for r in records],
-        [r.mask for r in records],
-        [[class_ids[c] for c in r.classes] for r in records],
+        masks,
+        classes,
         max(store.class_names) + 1,
         folds,
         settings,
         progress,
     )
+    consistency = consistency_of(masks, predictions, classes)
+    combined = combine_scores([consistency, np.array([r.quality for r in records])])
+    scores = consistency if rank_by == "consistency" else combined
     priors = store.definition.priors if use_priors else {}
     violations = [prior_violation(r.mask, r.classes, class_ids, priors) for r in records]
     kept = choose_kept(scores, np.array([v is None for v in violations]), keep)
@@ -171,8 +343,12 @@ def clean_store(
         "samples": len(records),
         "kept": len(kept),
         "prior_rejected": sum(v is not None for v in violations),
+        "rank_by": rank_by,
         "consistency": {
-            str(r.index): round(float(s), 4) for r, s in zip(records, scores, strict=True)
+            str(r.index): round(float(s), 4) for r, s in zip(records, consistency, strict=True)
+        },
+        "combined_score": {
+            str(r.index): round(float(s), 4) for r, s in zip(records, combined, strict=True)
         },
     }
     manifest = {**store.manifest, "clean": summary}
@@ -180,9 +356,14 @@ def clean_store(
     def annotated():
         for i in kept:
             record = records[i]
-            record.meta = {**record.meta, "consistency": round(float(scores[i]), 4)}
+            record.meta = {
+                **record.meta,
+                "consistency": round(float(consistency[i]), 4),
+                "combined_score": round(float(combined[i]), 4),
+            }
             yield record
 
     with staged_destination(Path(dest), False, Path(store.path)) as staging:
         write_store(staging, annotated(), manifest)
+        write_held_out(staging, [records[i].index for i in kept], [predictions[i] for i in kept])
     return open_store(dest), summary

@@ -14,7 +14,7 @@ settings give the same model on the same device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -203,9 +203,11 @@ def train_segmenter(
     settings: TrainSettings = TrainSettings(),
     progress: bool = True,
     desc: str = "train segmenter",
+    on_step: Callable[[], None] | None = None,
 ) -> Segmenter:
     """Train a segmenter on (image, id mask) pairs: AdamW with a one-cycle schedule,
-    random horizontal flips, optional splicing; cross entropy with 255 ignored."""
+    random horizontal flips, optional splicing; cross entropy with 255 ignored.
+    `on_step` is called after each step (a caller's own progress over many trainings)."""
     import torch
     import torch.nn.functional as F
 
@@ -219,8 +221,11 @@ def train_segmenter(
     model = build_segmenter(num_labels, settings.segmenter).to(device)
     x, y = to_tensors(images, masks, size)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=1e-2)
+    # a tenth of the steps warming up; torch's OneCycleLR divides by zero when that is
+    # exactly one step (steps=10), so that run warms up for two
+    warmup = 0.1 if settings.steps != 10 else 0.2
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, settings.learning_rate, total_steps=settings.steps, pct_start=0.1
+        optimiser, settings.learning_rate, total_steps=settings.steps, pct_start=warmup
     )
     generator = torch.Generator().manual_seed(settings.seed)
     steps = range(settings.steps)
@@ -244,4 +249,6 @@ def train_segmenter(
         loss.backward()
         optimiser.step()
         schedule.step()
+        if on_step is not None:
+            on_step()
     return Segmenter(model.eval(), size, device, num_labels)
