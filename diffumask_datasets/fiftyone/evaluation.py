@@ -24,6 +24,7 @@ HELD_OUT_FIELD = "held_out"
 
 
 def has_held_out(store_dir: str | os.PathLike) -> bool:
+    """Whether a cleaned store holds held-out predictions (its `held_out/` folder)."""
     return (Path(store_dir) / HELD_OUT_DIR).is_dir()
 
 

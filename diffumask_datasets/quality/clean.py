@@ -46,6 +46,7 @@ RANK_BY = ("consistency", "combined")
 
 
 def check_rank_by(rank_by: str) -> str:
+    """rank_by if clean can rank by it (consistency or combined); else a one-line error."""
     if rank_by not in RANK_BY:
         raise DiffuMaskError(
             f"--rank-by {rank_by!r} is not a score clean ranks by; use consistency (the "
@@ -185,6 +186,7 @@ def combine_scores(scores: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def describe(settings: TrainSettings, folds: int) -> str:
+    """One line naming what noise learning will train: segmenter, size, steps, folds, device."""
     from .segmenter import pick_device
 
     name = settings.segmenter or "small SegFormer"
@@ -228,6 +230,7 @@ class RunClock:
 
 
 def format_seconds(seconds: float) -> str:
+    """Seconds as a person reads an estimate: '40 s' or '3 min'."""
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
@@ -270,6 +273,7 @@ def held_out_path(store_dir: str | os.PathLike, index: int) -> Path:
 def write_held_out(
     store_dir: str | os.PathLike, indices: Sequence[int], predictions: Sequence[np.ndarray]
 ) -> None:
+    """Each sample's held-out prediction as `held_out/<index:06d>.png` (class ids)."""
     from PIL import Image
 
     for index, prediction in zip(indices, predictions, strict=True):
