@@ -190,7 +190,13 @@ def render_card(store: Any, splits: Mapping[str, int] | None = None) -> str:
     builder = "diffumask-" + definition.name
     builtin = (cards_dir() / f"{definition.name}.md").is_file()
     call_args = ", ".join(f"{k}={_python_literal(v)}" for k, v in load_args.items())
-    if builtin:
+    if config.get("route") == "image-to-image":
+        # Labelled images cannot be made again from settings: the folder loads its own files.
+        load_call = (
+            'load_dataset("path/to/this/folder", split="train")  # masks by `diffumask label` '
+            f"of the images in {str(config.get('source', 'unknown'))!r}"
+        )
+    elif builtin:
         load_call = f'load_dataset("{builder}", {call_args}, split="train")'
     else:
         load_call = (

@@ -37,7 +37,10 @@ def test_a_voc_folder_is_labelled_into_a_store(labelled, voc):
     store = open_store(labelled)
     assert store.is_complete() and len(store) == 6
     assert store.class_names == load_definition("shapes").class_names
-    assert (labelled / "README.md").is_file()
+    # the card loads the folder itself: its settings would generate other images
+    card = (labelled / "README.md").read_text()
+    assert 'load_dataset("path/to/this/folder", split="train")' in card
+    assert "diffumask label" in card and 'load_dataset("diffumask-' not in card
     jpegs = image_inputs(voc)
     for record, path in zip(store.records(), jpegs, strict=True):
         assert record.meta["source"] == str(path)
