@@ -11,7 +11,6 @@ by shards.py, in this process or on Ray workers (distributed.py).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,14 @@ from diffumask_datasets.definitions import Definition, load_definition
 from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.prompts import PlanItem
 from diffumask_datasets.shards import EngineHolder, make_shard, plan_for
-from diffumask_datasets.store import Record, Store, create_store, make_manifest, open_store
+from diffumask_datasets.store import (
+    CorruptShardWarning,
+    Record,
+    Store,
+    make_manifest,
+    open_store,
+    start_run,
+)
 
 __all__ = [
     "FALLBACKS",
@@ -49,16 +55,8 @@ def prepare(
         shard_size=config.shard_size,
         attention_size=config.attention_size,
     )
-    store = create_store(out_dir, manifest, resume=resume)
-    if resume:
-        store.remove_stale_temporaries()
-        for check in store.discard_corrupt_shards():
-            warnings.warn(f"{check.describe()}; regenerating it", CorruptShardWarning, stacklevel=3)
+    store = start_run(out_dir, manifest, resume=resume)
     return store, plan, definition, config
-
-
-class CorruptShardWarning(UserWarning):
-    """A resumed generation found a shard that no longer matches its digest."""
 
 
 def complete_store(out_dir: str | Path, fingerprint: str) -> Store | None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from diffumask_datasets.definitions import Definition, load_definition
 from diffumask_datasets.errors import DiffuMaskError
-from diffumask_datasets.store import Record, Store, create_store, make_manifest, open_store
+from diffumask_datasets.store import Record, Store, make_manifest, open_store, start_run
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -207,10 +207,7 @@ def label_dataset(
         shard_size=config.shard_size,
         attention_size=config.attention_size,
     )
-    store = create_store(out_dir, manifest, resume=resume)
-    if resume:
-        store.remove_stale_temporaries()
-        store.discard_corrupt_shards()
+    store = start_run(out_dir, manifest, resume=resume)
     bar = None
     if progress:
         from tqdm.auto import tqdm

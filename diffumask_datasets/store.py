@@ -41,6 +41,7 @@ import json
 import os
 import re
 import socket
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -756,6 +757,22 @@ def _config_differences(old: dict, new: dict) -> list[str]:
     return [
         f"{k}: {old.get(k)!r} stored, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)
     ]
+
+
+class CorruptShardWarning(UserWarning):
+    """A resumed run found a shard that no longer matches its digest."""
+
+
+def start_run(path: str | Path, manifest: dict, resume: bool = False) -> Store:
+    """The store a run (generation or labelling) writes into: created, or on resume the
+    one there with its stale temporaries removed and every shard that no longer matches
+    its digest discarded, with a CorruptShardWarning, so that the run makes it again."""
+    store = create_store(path, manifest, resume=resume)
+    if resume:
+        store.remove_stale_temporaries()
+        for check in store.discard_corrupt_shards():
+            warnings.warn(f"{check.describe()}; regenerating it", CorruptShardWarning, stacklevel=4)
+    return store
 
 
 def create_store(path: str | Path, manifest: dict, resume: bool = False) -> Store:
