@@ -39,6 +39,7 @@ MODEL_LICENSES = {
     "builtin:tiny-random-sd3": "apache-2.0",
     "builtin:tiny-random-flux": "apache-2.0",
     "builtin:shapes": "apache-2.0",
+    "builtin:shapes-mmdit": "apache-2.0",
     "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
     "CompVis/stable-diffusion-v1-5": "creativeml-openrail-m",
     "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",

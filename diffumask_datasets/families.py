@@ -122,11 +122,20 @@ class SD3Family(UNetFamily):
     batch left unread."""
 
     name = "sd3"
-    max_sequence_length = 256  # the pipeline's default
+    default_sequence_length = 256  # the pipeline's default
+    t5_tokenizer = "tokenizer_3"
 
     def __init__(self, pipe):
         self.pipe = pipe
         self.model = pipe.transformer
+
+    @property
+    def max_sequence_length(self) -> int:
+        """T5 tokens the pipeline is asked for: its default, or fewer where the model's T5
+        tokenizer holds fewer (builtin:shapes-mmdit's 24: the length it was trained with)."""
+        tokenizer = getattr(self.pipe, self.t5_tokenizer, None)
+        limit = getattr(tokenizer, "model_max_length", None) or self.default_sequence_length
+        return min(self.default_sequence_length, int(limit))
 
     @property
     def size_step(self) -> int:
@@ -156,7 +165,8 @@ class SD3Family(UNetFamily):
             t5 = find_t5_class_tokens(
                 self.pipe.tokenizer_3, prompt, name, synonyms, self.max_sequence_length
             )
-            positions = [CLIP_TOKENS + p for p in t5]
+            # T5's tokens follow the CLIP ones (77, or the model's CLIP tokenizer's length)
+            positions = [self.pipe.tokenizer_max_length + p for p in t5]
         try:
             clip = find_class_tokens(self.pipe.tokenizer, prompt, name, synonyms)
         except DiffuMaskError:
@@ -178,7 +188,8 @@ class FluxFamily(SD3Family):
     maps (`map_kind="concept"`)."""
 
     name = "flux"
-    max_sequence_length = 512  # the pipeline's default
+    default_sequence_length = 512  # the pipeline's default
+    t5_tokenizer = "tokenizer_2"
 
     @property
     def size_step(self) -> int:

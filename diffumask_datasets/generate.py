@@ -98,7 +98,11 @@ class BatchMaps:
 
     def check(self, params: Refinement) -> None:
         """Refuse a refinement that reads other maps than the batch captured."""
-        wanted = {"cross_factors": params.cross_factors, "steps": params.steps}
+        wanted = {
+            "cross_factors": params.cross_factors,
+            "steps": params.steps,
+            "cross_blocks": params.cross_blocks,
+        }
         if params.needs_affinity:
             if self.options.affinity_factor is None:
                 raise DiffuMaskError(
@@ -106,6 +110,7 @@ class BatchMaps:
                     "which this batch did not capture; capture with a refinement that needs it"
                 )
             wanted["affinity_steps"] = params.affinity_steps
+            wanted["affinity_blocks"] = params.affinity_blocks
             if params.affinity_factor is not None:
                 wanted["affinity_factor"] = params.affinity_factor
         differ = {k: v for k, v in wanted.items() if getattr(self.options, k) != v}
@@ -411,6 +416,8 @@ class DiffuMask:
             if params.needs_affinity
             else None,
             affinity_steps=params.affinity_steps,
+            affinity_blocks=params.affinity_blocks if params.needs_affinity else None,
+            cross_blocks=params.cross_blocks,
             conditional_half=self.family.conditional_half(guidance_scale),
             map_kind=map_kind,
         )

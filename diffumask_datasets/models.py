@@ -2,8 +2,9 @@
 
 The built-in tiny models are built offline from configs with seeded random weights, so
 every code path of the engine (sub-word tokens, SD 1.x and SDXL UNets, the SD3 and FLUX.1
-transformers with T5) runs with no download. They draw noise; `builtin:shapes` is the
-trained model that draws something.
+transformers with T5) runs with no download. They draw noise; `builtin:shapes` (a UNet,
+SD 1.x's architecture) and `builtin:shapes-mmdit` (SD3's) are trained models of the
+shapes world that draw something.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .errors import DiffuMaskError
 from .resources import PACKAGE_DIR, data_file
 
 SHAPES_WEIGHTS = PACKAGE_DIR / "weights" / "shapes"
+SHAPES_MMDIT_WEIGHTS = PACKAGE_DIR / "weights" / "shapes-mmdit"
 MAX_TOKENS = 77  # CLIP's context length, as in Stable Diffusion
 T5_MAX_TOKENS = 512  # T5's context length in FLUX.1 (SD3 reads 256 by default)
 T5_MERGES = 16_000  # CLIP merges whose words become T5 pieces: ~27k pieces, T5 has 32k
@@ -331,17 +333,24 @@ def _quiet_libraries() -> Iterator[None]:
                 lib.enable_progress_bar()
 
 
-def _shapes():
-    from diffusers import StableDiffusionPipeline
+def _shipped(folder: Path, **options):
+    """A pipeline shipped in the package's weights folder, loaded offline."""
+    from diffusers import DiffusionPipeline
 
-    if not (SHAPES_WEIGHTS / "model_index.json").is_file():
+    if not (folder / "model_index.json").is_file():
         raise DiffuMaskError(
-            f"the built-in shapes model is missing from {SHAPES_WEIGHTS}; reinstall the "
-            "package, or use builtin:tiny-random"
+            f"the built-in model folder {folder} is missing; reinstall the package, or use "
+            "builtin:tiny-random"
         )
-    return StableDiffusionPipeline.from_pretrained(
-        SHAPES_WEIGHTS, safety_checker=None, requires_safety_checker=False, local_files_only=True
-    )
+    return DiffusionPipeline.from_pretrained(folder, local_files_only=True, **options)
+
+
+def _shapes():
+    return _shipped(SHAPES_WEIGHTS, safety_checker=None, requires_safety_checker=False)
+
+
+def _shapes_mmdit():
+    return _shipped(SHAPES_MMDIT_WEIGHTS)
 
 
 BUILTINS: dict[str, Callable[[], Any]] = {
@@ -350,6 +359,7 @@ BUILTINS: dict[str, Callable[[], Any]] = {
     "builtin:tiny-random-sd3": _tiny_sd3,
     "builtin:tiny-random-flux": _tiny_flux,
     "builtin:shapes": _shapes,
+    "builtin:shapes-mmdit": _shapes_mmdit,
 }
 
 

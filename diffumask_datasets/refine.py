@@ -69,6 +69,9 @@ class Refinement:
     cross_factors / affinity_factor / steps / affinity_steps: what capture keeps (see
         CaptureOptions). affinity_steps=(10, 20) of 20 steps halves the affinity's capture
         cost; on the shapes benchmark its masks matched every step's (BENCHMARKS.md).
+    cross_blocks / affinity_blocks: MMDiT models (SD3, SD3.5, FLUX.1) only: the blocks whose
+        attention makes the class maps and the affinity (see CaptureOptions); None: the
+        model's defaults.
     """
 
     method: str = "adaptive"
@@ -82,6 +85,8 @@ class Refinement:
     affinity_factor: int | None = None
     steps: tuple[int, int] | None = None
     affinity_steps: tuple[int, int] | None = None
+    cross_blocks: tuple[int, ...] | None = None
+    affinity_blocks: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -115,6 +120,18 @@ class Refinement:
                 f"refinement colour_steps={steps!r} must be an integer >= 0 (0 turns the "
                 "colour-guided smoothing off)"
             )
+        for name in ("cross_blocks", "affinity_blocks"):
+            blocks = getattr(self, name)
+            if blocks is not None and not (
+                isinstance(blocks, tuple | list)
+                and blocks
+                and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks)
+            ):
+                shown = list(blocks) if isinstance(blocks, tuple | list) else blocks
+                raise DiffuMaskError(
+                    f"refinement {name}={shown!r} must be a non-empty list of block indices "
+                    "(integers >= 0), e.g. [1, 2], or None for the model's default"
+                )
         if int(self.affinity_power) < 1:
             raise DiffuMaskError(f"refinement affinity_power={self.affinity_power} must be >= 1")
 
@@ -137,7 +154,14 @@ class Refinement:
                 raise DiffuMaskError(
                     f"unknown refinement parameter(s) {unknown}; known: {sorted(known)}"
                 )
-            tuples = ("gammas", "cross_factors", "steps", "affinity_steps")
+            tuples = (
+                "gammas",
+                "cross_factors",
+                "steps",
+                "affinity_steps",
+                "cross_blocks",
+                "affinity_blocks",
+            )
             return cls(
                 **{
                     k: tuple(v) if k in tuples and isinstance(v, list | tuple) else v

@@ -219,10 +219,49 @@ def test_unreadable_processor_and_options_are_refused(pipe):
     with pytest.raises(DiffuMaskError, match=r"cross_factors=\[2\].*one resolution"):
         with trace(pipe, tokens(pipe), CaptureOptions(cross_factors=(2,))):
             pass
-    with pytest.raises(DiffuMaskError, match=r"affinity_blocks=\[9\].*joint blocks 0\.\.1"):
+    with pytest.raises(DiffuMaskError, match=r"affinity_blocks=\[9\].*blocks 0\.\.1"):
         with trace(pipe, tokens(pipe), CaptureOptions(affinity_factor=1, affinity_blocks=(9,))):
             pass
     assert dict(model.attn_processors) == originals and not model._forward_pre_hooks
+
+
+def test_cross_blocks_keep_the_maps_of_those_blocks_alone(pipe):
+    """The class maps of chosen blocks: the mean of two halves' maps is every block's, the
+    image stays the same, and affinity blocks outside them still give the affinity."""
+    blocks = sorted(set(capture_mmdit.text_layers(pipe.transformer).values()))
+    half = len(blocks) // 2
+    plain = run(pipe)
+    results = []
+    for chosen in (blocks[:half], blocks[half:], None):
+        wanted = options(pipe, cross_blocks=chosen, affinity_factor=1, affinity_blocks=(1,))
+        with trace(pipe, tokens(pipe), wanted) as cap:
+            assert np.abs(run(pipe) - plain).max() == 0
+        results.append(cap.result())
+    first, second, every = results
+    assert first.layers == {(4, 4): half} and every.layers == {(4, 4): len(blocks)}
+    mean = (first.cross[(4, 4)] + second.cross[(4, 4)]) / 2
+    np.testing.assert_allclose(mean, every.cross[(4, 4)], rtol=1e-5, atol=1e-7)
+    assert np.abs(first.cross[(4, 4)] - second.cross[(4, 4)]).max() > 1e-4
+    np.testing.assert_array_equal(first.affinity, every.affinity)
+    with pytest.raises(DiffuMaskError, match=rf"cross_blocks=\[9\].*blocks 0\.\.{len(blocks) - 1}"):
+        with trace(pipe, tokens(pipe), CaptureOptions(cross_blocks=(9,))):
+            pass
+
+
+def test_blocks_through_diffumask_are_recorded_and_refused_where_they_mean_nothing():
+    dm = DiffuMask("builtin:tiny-random-sd3")
+    chosen = {"method": "adaptive", "cross_blocks": [1], "affinity_blocks": [0]}
+    sample = dm(PROMPTS[:1], classes=[["aeroplane"]], num_inference_steps=2, refinement=chosen)[0]
+    assert sample.meta["refinement"]["params"]["cross_blocks"] == [1]
+    assert sample.meta["refinement"]["params"]["affinity_blocks"] == [0]
+    (maps,) = dm.captures(PROMPTS[:1], classes=[["aeroplane"]], num_inference_steps=2)
+    with pytest.raises(DiffuMaskError, match="cross_blocks"):
+        dm.refine_captured(maps, chosen)  # captured from every block
+    with pytest.raises(DiffuMaskError, match=r"cross_blocks=\[\].*non-empty list"):
+        dm(PROMPTS[:1], classes=[["aeroplane"]], refinement={"cross_blocks": []})
+    unet = DiffuMask("builtin:tiny-random")
+    with pytest.raises(DiffuMaskError, match=r"cross_blocks=\[1\] chooses blocks of an MMDiT"):
+        unet(PROMPTS[:1], classes=[["aeroplane"]], num_inference_steps=2, refinement=chosen)
 
 
 def test_unknown_denoiser_is_refused_by_name():

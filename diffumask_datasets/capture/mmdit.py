@@ -170,13 +170,15 @@ class _Sums(RunningSums):
     def rows(self) -> int:
         return 0 if not self.options.conditional_half else len(self.tokens)
 
-    def attend(self, query, key, value, image: slice, text: slice, affinity: bool, **kwargs):
+    def attend(
+        self, query, key, value, image: slice, text: slice, affinity: bool, cross=True, **kwargs
+    ):
         """The attention output of the whole batch, exactly as the stock processor gives
         it; query, key, value [batch, heads, joint sequence, dim]. Keeps the image rows'
         probabilities of the class columns (in the text at `text`; map_kind "cross") and,
         where asked, the image-to-image affinity."""
         rows = self.split(query.shape[0], "transformer")
-        if self.stream is None:
+        if self.stream is None and cross:
             columns = self.columns + text.start
             out, picked = attend_keeping_columns(
                 query, key, value, rows, columns, queries=image, **kwargs
@@ -203,9 +205,10 @@ class JointCaptureProcessor:
     the running sums attend for the rows it reads. SD3.5's image-only `attn2` layers keep their
     own processor."""
 
-    def __init__(self, sums: _Sums, affinity: bool):
+    def __init__(self, sums: _Sums, affinity: bool, cross: bool = True):
         self.sums = sums
         self.affinity = affinity
+        self.cross = cross  # this block's class maps are kept
         self.stock = JointAttnProcessor2_0()
 
     def __call__(
@@ -240,7 +243,7 @@ class JointCaptureProcessor:
 
         images = residual.shape[1]
         hidden_states = self.sums.attend(
-            query, key, value, slice(0, images), slice(images, None), self.affinity
+            query, key, value, slice(0, images), slice(images, None), self.affinity, self.cross
         )
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -275,12 +278,18 @@ class FluxCaptureProcessor:
     the running sums were told at the start of the transformer call."""
 
     def __init__(
-        self, sums: _Sums, stock: FluxAttnProcessor, affinity: bool, concept_map: bool = False
+        self,
+        sums: _Sums,
+        stock: FluxAttnProcessor,
+        affinity: bool,
+        concept_map: bool = False,
+        cross: bool = True,
     ):
         self.sums = sums
         self.stock = stock
         self.affinity = affinity
         self.concept_map = concept_map  # map_kind "concept": this block's maps are kept
+        self.cross = cross  # map_kind "cross": this block's maps are kept
 
     @property
     def _attention_backend(self):
@@ -344,7 +353,15 @@ class FluxCaptureProcessor:
         # [batch, heads, sequence, dim] views, as the native backend hands them to SDPA
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
         out = self.sums.attend(
-            q, k, v, slice(text, None), slice(0, text), self.affinity, mask=mask, plain=plain
+            q,
+            k,
+            v,
+            slice(text, None),
+            slice(0, text),
+            self.affinity,
+            self.cross,
+            mask=mask,
+            plain=plain,
         )
         if self.sums.stream is not None:
             rows = self.sums.rows
@@ -405,13 +422,17 @@ def _blocks(name: str, wanted, joint: int, kind: str) -> set[int]:
     blocks = set(wanted)
     if not blocks or not blocks <= set(range(joint)):
         raise DiffuMaskError(
-            f"{name}={sorted(blocks)}: {kind} has joint blocks 0..{joint - 1}; choose among them"
+            f"{name}={sorted(blocks)}: {kind} has blocks 0..{joint - 1} for these maps; "
+            "choose among them"
         )
     return blocks
 
 
-def _select_layers(model, options: CaptureOptions, concepts) -> dict[str, tuple[bool, bool]]:
-    """{processor name: (keeps the affinity, keeps concept maps)} of the layers to wrap."""
+def _select_layers(
+    model, options: CaptureOptions, concepts
+) -> dict[str, tuple[bool, bool, bool]]:
+    """{processor name: (keeps the affinity, keeps concept maps, keeps cross maps)} of the
+    layers to wrap."""
     kind = type(model).__name__
     if options.cross_factors not in (None, (1,)):
         raise DiffuMaskError(
@@ -439,13 +460,27 @@ def _select_layers(model, options: CaptureOptions, concepts) -> dict[str, tuple[
             )
         wanted = options.concept_blocks or default_concept_blocks(model)
         concept = _blocks("concept_blocks", wanted, joint, kind)
+    layers = text_layers(model)
+    cross = set()
+    if options.map_kind == "cross":
+        every = len(set(layers.values()))
+        cross = _blocks("cross_blocks", options.cross_blocks or range(every), every, kind)
+    elif options.cross_blocks is not None:
+        raise DiffuMaskError(
+            f"cross_blocks={list(options.cross_blocks)} chooses map_kind 'cross' maps; with "
+            "map_kind='concept' choose concept_blocks"
+        )
     selected = {}
-    for name, index in text_layers(model).items():
+    for name, index in layers.items():
         joint_block = name.startswith("transformer_blocks.")
         # the concept stream flows through every double block up to the last one read
         streams = bool(concept) and joint_block and index <= max(concept)
-        if options.map_kind == "cross" or streams or (joint_block and index in affinity):
-            selected[name] = (joint_block and index in affinity, joint_block and index in concept)
+        if index in cross or streams or (joint_block and index in affinity):
+            selected[name] = (
+                joint_block and index in affinity,
+                joint_block and index in concept,
+                index in cross,
+            )
     return selected
 
 
@@ -497,11 +532,13 @@ def trace(
     concepts = concepts if options.map_kind == "concept" else None
     sums = _Sums(tokens, options, "FLUX.1" if flux else "SD3", concepts)
     processors = dict(originals)
-    for name, (affinity, concept_map) in selected.items():
+    for name, (affinity, concept_map, cross) in selected.items():
         if flux:
-            processors[name] = FluxCaptureProcessor(sums, originals[name], affinity, concept_map)
+            processors[name] = FluxCaptureProcessor(
+                sums, originals[name], affinity, concept_map, cross
+            )
         else:
-            processors[name] = JointCaptureProcessor(sums, affinity)
+            processors[name] = JointCaptureProcessor(sums, affinity, cross)
 
     def begin_call(module, args, kwargs):
         sums.begin_call(kwargs["timestep"], *_grid(module, args, kwargs))

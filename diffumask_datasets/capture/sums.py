@@ -61,6 +61,9 @@ class CaptureOptions:
         [uncond, cond]; only the conditional half is read.
     affinity_blocks: MMDiT only: indices of the joint (double-stream) blocks whose
         image-to-image attention makes the affinity; None: the middle third.
+    cross_blocks: MMDiT only, map_kind "cross": indices of the blocks whose image-to-text
+        attention makes the class maps (FLUX.1's single-stream blocks numbered on after its
+        double-stream ones); None: every block.
     map_kind: "cross" (attention of image tokens to the class tokens) or, FLUX.1 only,
         "concept" (ConceptAttention: class and background concepts as an extra stream,
         maps from the attention-output space; see capture.mmdit).
@@ -76,6 +79,7 @@ class CaptureOptions:
     affinity_blocks: tuple[int, ...] | None = None
     map_kind: str = "cross"
     concept_blocks: tuple[int, ...] | None = None
+    cross_blocks: tuple[int, ...] | None = None
 
 
 @dataclass

@@ -214,6 +214,13 @@ def trace(
             f"map_kind={options.map_kind!r} needs a FLUX.1 transformer; "
             f"{type(unet).__name__} gives map_kind='cross'"
         )
+    for name in ("cross_blocks", "affinity_blocks"):
+        if getattr(options, name) is not None:
+            raise DiffuMaskError(
+                f"{name}={list(getattr(options, name))} chooses blocks of an MMDiT transformer "
+                f"(SD3, SD3.5, FLUX.1); a {type(unet).__name__} chooses its maps by "
+                "resolution: use cross_factors / affinity_factor and leave it None"
+            )
     originals = dict(unet.attn_processors)
     selected = _select_layers(unet, options)
     for name in selected:
