@@ -20,12 +20,19 @@ benchmark's (b)): one segmenter trained on the cleaned store (keep 0.7), one on 
 store as it is, tested on held-out rendered scenes; each as a ratio to the same segmenter
 trained on the same store with its exact masks (`after_clean_over_exact`).
 
+With --relabel MODEL, the re-labelling signal (quality/agreement.py) besides: the truth
+store's images are labelled once by MODEL (the shapes definition's refinement), and per
+kind and share the agreement of each (bad) mask with that re-labelling is scored alone
+and combined with consistency (their rank average), with pruned@0.7/0.5, Spearman and,
+for the 25% stores, the synthetic-to-real result after keeping the top 70% by each.
+
 Each result is saved to --work/noise.json as soon as it is done (a restart resumes; the
 key names the clean settings, so runs with other settings add rows beside them).
 
     python benchmarks/noise.py --work runs/noise                       # defaults
     python benchmarks/noise.py --work runs/noise --kinds partial --shares 0.25 \\
         --segmenter builtin:fcn --train-steps 600 --size 64            # one setting
+    python benchmarks/noise.py --work runs/noise --relabel builtin:shapes  # + agreement
     python benchmarks/noise.py --work runs/noise --report-only --json out.json
 """
 
@@ -125,6 +132,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default=None, help="torch device; default cuda if present")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--relabel", default=None, help="score the agreement with a re-labelling by this model"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -249,9 +259,88 @@ def main(argv=None) -> dict:
                 break
             time.sleep(30)
     report(rows, transfers, tag)
+    if args.relabel:
+        signals = Rows(args.work / "signals.json")
+        signal_rows(args, signals, rows, truth, records, exact, class_ids, corrupted, tag)
+        for (kind, share), (masks, _) in corrupted.items():
+            for name in ("agreement", "consistency+agreement"):
+                key = f"{tag}/{kind}/{share}/{name}"
+                if share == 0.25 and key in signals:
+                    kept = choose_kept(
+                        np.array(signals[key]["scores"]), np.ones(len(masks), bool), 0.7
+                    )
+                    transfer(
+                        f"transfer/{key}/keep-0.7",
+                        [images[i] for i in kept],
+                        [masks[i] for i in kept],
+                    )
+        report_signals(signals, transfers, tag)
+        rows.data.update({f"signals/{k}": v for k, v in signals.data.items()})
     if args.json:
         args.json.write_text(json.dumps({**rows.data, **transfers.data}, indent=2))
     return {**rows.data, **transfers.data}
+
+
+def relabelled(args, truth, records) -> list[np.ndarray]:
+    """The truth store's images labelled by --relabel (cached under --work)."""
+    from diffumask_datasets import DiffuMask
+    from diffumask_datasets.quality.agreement import relabelled_masks
+
+    path = args.work / f"relabel-{args.relabel.replace(':', '-').replace('/', '-')}.npz"
+    if path.is_file():
+        return list(np.load(path)["masks"])
+    began = time.time()
+    masks = relabelled_masks(
+        DiffuMask(args.relabel),
+        records,
+        truth.definition.class_ids,
+        refinement=truth.definition.defaults.get("refinement"),
+        progress=False,
+    )
+    np.savez_compressed(path, masks=np.stack(masks))
+    print(f"re-labelled {len(masks)} images with {args.relabel} ({time.time() - began:.0f} s)")
+    return masks
+
+
+def signal_rows(args, signals, rows, truth, records, exact, class_ids, corrupted, tag) -> None:
+    """Per kind and share: the agreement alone and combined with the clean's consistency
+    (when its row is there), each as pruned@0.7/0.5 and Spearman with true object IoU."""
+    from diffumask_datasets.quality.agreement import agreement_of
+    from diffumask_datasets.quality.clean import combine_scores
+
+    others = relabelled(args, truth, records)
+    for (kind, share), (masks, bad) in corrupted.items():
+        truth_iou = np.array(
+            [object_iou(m, e, c) for m, e, c in zip(masks, exact, class_ids, strict=True)]
+        )
+        agreement = agreement_of(masks, others, class_ids)
+        scores = {"agreement": agreement}
+        clean_key = f"{tag}/{kind}/{share}"
+        if clean_key in rows:
+            consistency = np.array(rows[clean_key]["scores"])
+            scores["consistency+agreement"] = combine_scores([consistency, agreement])
+        for name, score in scores.items():
+            signals.put(f"{clean_key}/{name}", {
+                "kind": kind, "share": share, "signal": name, "relabel": args.relabel,
+                "pruned": {str(k): pruned_share(score, bad, k) for k in (0.7, 0.5)},
+                "spearman": spearman(score, truth_iou), "scores": score.tolist(),
+            })  # fmt: skip
+
+
+def report_signals(signals: Rows, transfers: Rows, tag: str) -> None:
+    exact = transfers["transfer/exact"]["miou"] if "transfer/exact" in transfers else float("nan")
+    print(f"\nsignals beside clean settings {tag}")
+    print("| kind | share | signal | pruned @0.7 | pruned @0.5 | Spearman | after clean / exact |")
+    print("|---|---|---|---|---|---|---|")
+    for key, row in signals.data.items():
+        if not key.startswith(f"{tag}/"):
+            continue
+        cleaned = transfers.data.get(f"transfer/{key}/keep-0.7", {}).get("miou")
+        ratio = f"{cleaned / exact:.3f}" if cleaned is not None else ""
+        print(
+            f"| {row['kind']} | {row['share']:.0%} | {row['signal']} | {row['pruned']['0.7']:.0%} "
+            f"| {row['pruned']['0.5']:.0%} | {row['spearman']:.3f} | {ratio} |"
+        )
 
 
 def report(rows: Rows, transfers: Rows, tag: str) -> None:

@@ -538,12 +538,19 @@ def capture_groups(methods: dict[str, dict]) -> list[tuple[dict, list[str]]]:
     once per method: [(the refinement to capture with, its methods' names)]."""
     from diffumask_datasets.refine import Refinement
 
-    keys = ("cross_factors", "steps", "affinity_factor", "affinity_steps")
+    keys = (
+        "cross_factors",
+        "steps",
+        "cross_blocks",
+        "affinity_factor",
+        "affinity_steps",
+        "affinity_blocks",
+    )
     groups: dict[tuple, tuple[dict, list[str]]] = {}
     for name, refinement in methods.items():
         params = Refinement.from_any(refinement)
-        key = tuple(getattr(params, k) for k in keys[:2]) + (
-            tuple(getattr(params, k) for k in keys[2:]) if params.needs_affinity else (None,)
+        key = tuple(getattr(params, k) for k in keys[:3]) + (
+            tuple(getattr(params, k) for k in keys[3:]) if params.needs_affinity else (None,)
         )
         groups.setdefault(key, (refinement, []))[1].append(name)
     # a group without the affinity captures none: cheaper, and refined the same way
@@ -738,14 +745,40 @@ def evaluate_segmenter(net, scenes) -> tuple[float, list[float]]:
     return score.miou(), score.per_class().round(4).tolist()
 
 
+# What a method name may change after a "+": the capture's blocks and step windows.
+VARIANT_KEYS = ("cross_blocks", "affinity_blocks", "steps", "affinity_steps")
+
+
+def method_variant(spec: str, table: dict[str, dict], flag: str) -> dict:
+    """A refinement by name: a method of `table`, optionally with capture settings after
+    "+" signs, values joined by dots: "separate+cross_blocks=1.2+steps=10.20" is
+    `separate` reading blocks 1 and 2 over steps 10 to 20 (an MMDiT model's blocks)."""
+    base, *changes = spec.split("+")
+    if base not in table:
+        raise SystemExit(
+            f"{flag} {spec!r}: unknown method {base!r}; choose from {', '.join(table)}"
+        )
+    refinement = dict(table[base])
+    for change in changes:
+        key, _, values = change.partition("=")
+        try:
+            numbers = tuple(int(v) for v in values.split("."))
+        except ValueError:
+            numbers = ()
+        if key not in VARIANT_KEYS or not values or not numbers:
+            raise SystemExit(
+                f"{flag} {spec!r}: {change!r} is not KEY=N.N with KEY one of "
+                f"{', '.join(VARIANT_KEYS)} (e.g. separate+cross_blocks=1.2)"
+            )
+        refinement[key] = numbers
+    return refinement
+
+
 def chosen_methods(names: str) -> dict[str, dict]:
     chosen = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in MULTI_METHODS]
-    if unknown or not chosen:
-        raise SystemExit(
-            f"--multi-methods {names!r}: unknown {unknown}; choose from {', '.join(MULTI_METHODS)}"
-        )
-    return {n: MULTI_METHODS[n] for n in chosen}
+    if not chosen:
+        raise SystemExit(f"--multi-methods {names!r}: choose from {', '.join(MULTI_METHODS)}")
+    return {n: method_variant(n, MULTI_METHODS, "--multi-methods") for n in chosen}
 
 
 def print_multi_object_header(args) -> None:
@@ -872,8 +905,9 @@ def real_scene_rows(dm, args) -> list[dict]:
         f"{args.real_scenes} scenes a row, {args.steps} steps, guidance {args.guidance}, "
         f"prompts: {args.real_prompts}"
     )
+    width = max(20, *(len(m) + 12 for m in args.real_methods))  # room for "-no-colour"
     print(
-        f"{'objects':>7} {'method':<20}{'strength':>9}{'mIoU':>7}"
+        f"{'objects':>7} {'method':<{width}}{'strength':>9}{'mIoU':>7}"
         + "".join(f"{n:>11}" for n in NAMES)
         + f"{'sec':>7}",
         flush=True,
@@ -882,9 +916,10 @@ def real_scene_rows(dm, args) -> list[dict]:
         scenes = real_scenes(args.real_scenes, objects, args.seed + 20)
         for method in args.real_methods:
             for strength in args.real_strengths:
-                for colour in (True, False):
+                for colour in (True, False) if args.real_colour == "both" else (True,):
                     refinement = dict(
-                        REAL_METHODS[method], **({} if colour else {"colour_steps": 0})
+                        method_variant(method, REAL_METHODS, "--real-methods"),
+                        **({} if colour else {"colour_steps": 0}),
                     )
                     name = method if colour else f"{method}-no-colour"
                     r = label_real_scenes(
@@ -909,7 +944,7 @@ def real_scene_rows(dm, args) -> list[dict]:
                     )
                     cells = "".join(f"{r['per_class'][n]:>11.3f}" for n in NAMES)
                     print(
-                        f"{objects:>7} {name:<20}{strength:>9.2f}{r['miou']:>7.3f}{cells}"
+                        f"{objects:>7} {name:<{width}}{strength:>9.2f}{r['miou']:>7.3f}{cells}"
                         f"{r['seconds']:>7.1f}",
                         flush=True,
                     )
@@ -980,8 +1015,15 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--real-methods",
         nargs="+",
-        choices=tuple(REAL_METHODS),
         default=["affinity", "adaptive"],
+        help=f"(d): refinements of {', '.join(REAL_METHODS)}, each optionally with capture "
+        "settings after '+' (e.g. separate+cross_blocks=1.2; see method_variant)",
+    )
+    parser.add_argument(
+        "--real-colour",
+        choices=("both", "on"),
+        default="both",
+        help="(d): each refinement with and without the colour step, or with it only",
     )
     parser.add_argument(
         "--real-prompts",
@@ -998,7 +1040,8 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--multi-methods",
         default=",".join(MULTI_DEFAULT),
-        help=f"(c): comma-separated refinements of {', '.join(MULTI_METHODS)}",
+        help=f"(c): comma-separated refinements of {', '.join(MULTI_METHODS)}, each "
+        "optionally with capture settings after '+' (e.g. separate+cross_blocks=1.2)",
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--sheet", type=Path, default=None, help="contact sheet PNG of (a)")
@@ -1011,6 +1054,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     began = time.time()
     multi_methods = chosen_methods(args.multi_methods)
+    for method in args.real_methods:  # refused now, not after the first rows
+        method_variant(method, REAL_METHODS, "--real-methods")
     dm = DiffuMask(args.model)
     if args.only == "multi-object":
         return multi_object_main(dm, args, multi_methods, began)

@@ -38,7 +38,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -129,7 +128,9 @@ def load_autoencoder(folder: Path):
     from diffusers import AutoencoderKL
 
     if not (folder / "vae" / "config.json").is_file():
-        sys.exit(f"--vae-from {folder}: no vae/ in it; pass a pipeline folder such as {SHAPES_FOLDER}")
+        sys.exit(
+            f"--vae-from {folder}: no vae/ in it; pass a pipeline folder such as {SHAPES_FOLDER}"
+        )
     vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False)
     # SD3's pipeline un-shifts latents before decoding; this autoencoder has no shift.
     vae.register_to_config(shift_factor=0.0)
@@ -281,7 +282,9 @@ def init_from_export(folder: Path, args) -> dict:
     weights = {
         "transformer": SD3Transformer2DModel.from_pretrained(folder / "transformer").state_dict(),
         "clip_l": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder").state_dict(),
-        "clip_g": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").state_dict(),
+        "clip_g": CLIPTextModelWithProjection.from_pretrained(
+            folder / "text_encoder_2"
+        ).state_dict(),
         "t5": T5EncoderModel.from_pretrained(folder / "text_encoder_3").state_dict(),
     }
     return {
@@ -289,7 +292,12 @@ def init_from_export(folder: Path, args) -> dict:
         "step": int(record["step"]),
         "seconds": float(record["wall_seconds"].get("transformer") or 0.0),
         "sessions": record.get("sessions", []),
-        "lineage": {"folder": str(folder), "step": int(record["step"]), "fresh": ["optimizer moments", "generator"], "init_from": record.get("init_from")},
+        "lineage": {
+            "folder": str(folder),
+            "step": int(record["step"]),
+            "fresh": ["optimizer moments", "generator"],
+            "init_from": record.get("init_from"),
+        },
     }
 
 
@@ -303,10 +311,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--cooldown-steps", type=int, default=2000, help="the rate falls linearly to zero over the last N steps (0: constant)")
-    p.add_argument("--warmup-steps", type=int, default=200, help="the rate rises linearly from zero over the first N steps")
+    p.add_argument(
+        "--cooldown-steps",
+        type=int,
+        default=2000,
+        help="the rate falls linearly to zero over the last N steps (0: constant)",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=200,
+        help="the rate rises linearly from zero over the first N steps",
+    )
     p.add_argument("--scenes", type=int, default=30_000)
-    p.add_argument("--vae-from", type=Path, default=SHAPES_FOLDER, help="the pipeline folder whose autoencoder the model draws through")
+    p.add_argument(
+        "--vae-from",
+        type=Path,
+        default=SHAPES_FOLDER,
+        help="the pipeline folder whose autoencoder the model draws through",
+    )
     p.add_argument("--layers", type=int, default=4, help="joint transformer blocks")
     p.add_argument("--width", type=int, default=64, help="the transformer's width")
     p.add_argument("--heads", type=int, default=4)
@@ -316,12 +339,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-every", type=int, default=500)
     p.add_argument("--probe-scenes", type=int, default=24)
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
-    p.add_argument("--snapshots", type=lambda text: [int(c) for c in text.split(",") if c], default=[], help="steps at which a copy of the checkpoint is kept (snapshot-STEP.pt)")
+    p.add_argument(
+        "--snapshots",
+        type=lambda text: [int(c) for c in text.split(",") if c],
+        default=[],
+        help="steps at which a copy of the checkpoint is kept (snapshot-STEP.pt)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--init-from", type=Path, default=None, help="start from a folder this script exported (fresh optimizer)")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from a folder this script exported (fresh optimizer)",
+    )
     p.add_argument("--export", type=Path, default=None, help="pipeline folder to write")
-    p.add_argument("--export-from", default="ckpt", help="ckpt, best (by the probe's area IoU) or snapshot-STEP")
+    p.add_argument(
+        "--export-from",
+        default="ckpt",
+        help="ckpt, best (by the probe's area IoU) or snapshot-STEP",
+    )
     p.add_argument("--export-only", action="store_true")
     return p
 
@@ -353,7 +390,9 @@ def main(argv=None) -> None:
 
     if args.export_only:
         if not (work / f"{args.export_from}.pt").exists():
-            sys.exit(f"--export-from {args.export_from}: {work / args.export_from}.pt does not exist")
+            sys.exit(
+                f"--export-from {args.export_from}: {work / args.export_from}.pt does not exist"
+            )
         if args.export is None:
             sys.exit("--export-only: pass --export FOLDER, the pipeline folder to write")
         export(work, args.export_from, args.export, args, log)
@@ -437,9 +476,10 @@ def main(argv=None) -> None:
         drop = torch.rand(args.batch, generator=gen) < args.uncond_prob
         noise = torch.randn((args.batch, *latents.shape[1:]), generator=gen)
         sigma = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal
+        pairs = zip(idx.tolist(), drop.tolist(), strict=True)
         batch = {
             "x0": latents[idx.to(device)],
-            "captions": ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())],
+            "captions": ["" if dropped else captions[i] for i, dropped in pairs],
             "noise": noise.to(device),
             "sigma": sigma.to(device),
         }
@@ -462,7 +502,15 @@ def main(argv=None) -> None:
         recent.append(loss.detach())
         if step % 50 == 0:
             mean = float(torch.stack(recent).double().mean())
-            log({"stage": "train", "step": step, "loss": round(mean, 5), "lr": rate, "elapsed": round(time.time() - session_start, 1)})
+            log(
+                {
+                    "stage": "train",
+                    "step": step,
+                    "loss": round(mean, 5),
+                    "lr": rate,
+                    "elapsed": round(time.time() - session_start, 1),
+                }
+            )
             recent.clear()
         if step % args.probe_every == 0:
             figures = probe(ema_pipe, held_out)

@@ -3,6 +3,8 @@ the run clock, and what clean refuses."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from test_quality import FAST, make_store
@@ -228,3 +230,92 @@ def test_ten_training_steps_train(tmp_path):
     settings = TrainSettings(steps=10, batch_size=2, size=16, segmenter="builtin:fcn")
     segmenter = train_segmenter([r.image for r in records], [r.mask for r in records], 5, settings)
     assert segmenter.predict([records[0].image])[0].shape == records[0].mask.shape
+
+
+# -- agreement with a re-labelling ---------------------------------------------------------
+
+
+def test_agreement_is_the_masks_iou_with_the_relabelling_over_its_classes():
+    from diffumask_datasets.quality.agreement import agreement_of
+
+    relabel = np.zeros((4, 4), np.uint8)
+    relabel[:2, :2] = 1
+    same, grown, other = relabel.copy(), relabel.copy(), np.zeros_like(relabel)
+    grown[:3, :3] = 1
+    other[2:, 2:] = 1
+    scores = agreement_of([same, grown, other], [relabel] * 3, [[1]] * 3)
+    assert scores[0] == 1.0
+    assert scores[1] == pytest.approx((4 / 9 + 7 / 12) / 2)  # class 1, then background
+    assert scores[2] < scores[1]
+    # pixels the re-labelling is unsure of (255) are left out of the score
+    unsure = relabel.copy()
+    unsure[2, :] = 255
+    unsure[:3, 2] = 255
+    assert agreement_of([grown], [unsure], [[1]])[0] > scores[1]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> Path:
+    """A store the shapes model generated: its samples name the model that made them."""
+    from test_cli import invoke
+
+    out = tmp_path_factory.mktemp("gen") / "store"
+    result = invoke("generate", "shapes", "--per-class", "2", "--steps", "6", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_clean_relabels_with_the_generating_model_and_ranks_by_both_by_default(generated, tmp_path):
+    from diffumask_datasets.store import open_store
+
+    fcn = TrainSettings(steps=2, batch_size=4, size=32, segmenter="builtin:fcn")
+    cleaned, summary = clean_store(generated, tmp_path / "C", 2, 0.5, fcn, progress=False)
+    assert summary["relabel_model"] == "builtin:shapes" and summary["rank_by"] == "combined"
+    order = sorted(summary["agreement"], key=int)
+    consistency = np.array([summary["consistency"][k] for k in order])
+    agreement = np.array([summary["agreement"][k] for k in order])
+    assert 0.0 <= agreement.min() and agreement.max() <= 1.0 and np.ptp(agreement) > 0
+    expected = combine_scores([consistency, agreement])
+    assert [summary["combined_score"][k] for k in order] == pytest.approx(expected, abs=1e-3)
+    best = sorted(order, key=lambda k: (-summary["combined_score"][k], int(k)))[:4]
+    assert sorted(r.index for r in cleaned.records()) == sorted(int(k) for k in best)
+    for record in cleaned.records():
+        assert record.meta["agreement"] == summary["agreement"][str(record.index)]
+    # the same store without the re-labelling ranks by consistency, as before
+    _, alone = clean_store(
+        open_store(generated), tmp_path / "D", 2, 0.5, fcn, progress=False, relabel=False
+    )
+    assert alone["rank_by"] == "consistency" and "agreement" not in alone
+
+
+def test_a_store_that_names_no_model_is_relabelled_only_with_one_given(tmp_path, capsys):
+    store = make_store(tmp_path / "s", 6)
+    fcn = TrainSettings(steps=2, batch_size=4, size=32, segmenter="builtin:fcn")
+    _, summary = clean_store(store, tmp_path / "A", 2, 0.5, fcn, progress=True)
+    assert "agreement" not in summary and summary["rank_by"] == "consistency"
+    assert "name no generating model" in capsys.readouterr().err
+    _, summary = clean_store(
+        store, tmp_path / "B", 2, 0.5, fcn, progress=False, relabel_model="builtin:shapes"
+    )
+    assert summary["relabel_model"] == "builtin:shapes" and len(summary["agreement"]) == 6
+    with pytest.raises(DiffuMaskError, match="--relabel-model builtin:shapes"):
+        clean_store(store, tmp_path / "C", 2, 0.5, fcn, progress=False, relabel=True)
+    with pytest.raises(DiffuMaskError, match="--rank-by agreement needs the re-labelling"):
+        clean_store(store, tmp_path / "D", 2, 0.5, fcn, progress=False, rank_by="agreement")
+    assert not any((tmp_path / d).exists() for d in "CD")
+
+
+def test_clean_on_the_command_line_relabels_unless_told(generated, tmp_path):
+    import json
+
+    from test_cli import invoke
+
+    flags = ["--folds", "2", "--train-steps", "2", "--size", "32"]
+    result = invoke("clean", str(generated), *flags, "--to", str(tmp_path / "C"))
+    assert result.exit_code == 0, result.output
+    used = json.loads((tmp_path / "C" / "manifest.json").read_text())["clean"]
+    assert used["rank_by"] == "combined" and used["relabel_model"] == "builtin:shapes"
+    result = invoke("clean", str(generated), *flags, "--no-relabel", "--to", str(tmp_path / "D"))
+    assert result.exit_code == 0, result.output
+    used = json.loads((tmp_path / "D" / "manifest.json").read_text())["clean"]
+    assert used["rank_by"] == "consistency" and "agreement" not in used

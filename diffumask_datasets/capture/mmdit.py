@@ -428,9 +428,7 @@ def _blocks(name: str, wanted, joint: int, kind: str) -> set[int]:
     return blocks
 
 
-def _select_layers(
-    model, options: CaptureOptions, concepts
-) -> dict[str, tuple[bool, bool, bool]]:
+def _select_layers(model, options: CaptureOptions, concepts) -> dict[str, tuple[bool, bool, bool]]:
     """{processor name: (keeps the affinity, keeps concept maps, keeps cross maps)} of the
     layers to wrap."""
     kind = type(model).__name__

@@ -130,10 +130,13 @@ Examples:
   {PROG} clean out/shapes --to out/shapes-clean
   {PROG} clean out/shapes --folds 3 --keep 0.5 --to out/shapes-clean
   {PROG} clean out/shapes --to out/shapes-clean --size 128 --train-steps 2000   # on a GPU
+  {PROG} clean out/shapes --to out/shapes-clean --no-relabel   # noise learning alone
   {PROG} app out/shapes-clean
 
-Each kept sample's meta holds its consistency and its combined score (the rank average
-of consistency and the attention's quality); the new manifest's "clean" entry holds the
+Each kept sample's meta holds its consistency, its agreement with a re-labelling of its
+image by the model that made it (when re-labelled) and its combined score (the rank
+average of consistency and agreement; without a re-labelling, of consistency and the
+attention's quality); the new manifest's "clean" entry holds the
 settings and every sample's scores. Each kept sample's held-out prediction is saved in
 held_out/; `{PROG} app` shows it beside the mask, evaluated by FiftyOne (sort by
 held_out_accuracy). The source dataset is not changed.
@@ -143,7 +146,7 @@ held_out_accuracy). The source dataset is not changed.
 def _check_rank_by(ctx: click.Context, param: click.Parameter, value: str) -> str:
     from ..quality.clean import check_rank_by
 
-    return check_rank_by(value)
+    return check_rank_by(value, relabel=True)  # whether --relabel is given: clean_store
 
 
 @click.command(epilog=CLEAN_EPILOG, short_help="Noise learning: drop inconsistent masks.")
@@ -161,11 +164,22 @@ def _check_rank_by(ctx: click.Context, param: click.Parameter, value: str) -> st
 @click.option("--no-priors", is_flag=True, help="Ignore the definition's per-class priors.")
 @click.option(
     "--rank-by",
-    default="consistency",
-    show_default=True,
+    default=None,
     callback=_check_rank_by,
-    help="The score that decides what is kept: consistency, or combined (the rank average "
-    "of consistency and the attention's quality score).",
+    help="The score that decides what is kept: combined (the default with a re-labelling: "
+    "the rank average of consistency and agreement), consistency (the default without "
+    "one), or agreement.",
+)
+@click.option(
+    "--relabel/--no-relabel",
+    default=None,
+    help="Label each sample's image again with the model that made it (image-to-image) "
+    "and score its mask's agreement with that. Default: when the samples name their model.",
+)
+@click.option(
+    "--relabel-model",
+    metavar="MODEL",
+    help="The model to re-label with (implies --relabel); default: the samples' own model.",
 )
 @trainer_options(CLEAN_DEFAULTS)
 def clean(
@@ -174,7 +188,9 @@ def clean(
     keep: float,
     dest: Path,
     no_priors: bool,
-    rank_by: str,
+    rank_by: str | None,
+    relabel: bool | None,
+    relabel_model: str | None,
     **options: Any,
 ) -> None:
     """Rank the samples of DIRECTORY by K-fold consistency; keep the best in --to."""
@@ -188,6 +204,8 @@ def clean(
         train_settings(CLEAN_SETTINGS, **options),
         use_priors=not no_priors,
         rank_by=rank_by,
+        relabel=True if relabel_model is not None else relabel,
+        relabel_model=relabel_model,
     )
     click.echo(
         f"kept {summary['kept']} of {summary['samples']} samples in {dest} "

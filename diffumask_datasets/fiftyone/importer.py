@@ -16,8 +16,8 @@ class present (`attention_<class>`, float map in [0, 1] at the stored resolution
 `classes` (Classifications), `prompt`, `seed`, `model`, `quality`, `mask_area`,
 `ignore_area`, `class_areas` (class -> share of pixels), `refinement` (method,
 parameters and chain), `index`, plus `negative_prompt`, `num_inference_steps`,
-`guidance_scale` when recorded, and `consistency` and `combined_score` in a dataset made by
-`diffumask clean`.
+`guidance_scale` when recorded, and `consistency`, `combined_score` and (with `--relabel`)
+`agreement` in a dataset made by `diffumask clean`.
 
 The importer is both a `LabeledImageDatasetImporter` (iterate it to get
 `(image_path, metadata, labels)` tuples) and a `BatchDatasetImporter`: `from_dir` inserts
@@ -58,6 +58,8 @@ SCALAR_FIELDS = {
     "consistency": fo.FloatField,
     # the rank average of consistency and quality (`diffumask clean`, see quality/clean.py)
     "combined_score": fo.FloatField,
+    # agreement with a re-labelling of the image (`diffumask clean --relabel`)
+    "agreement": fo.FloatField,
     "mask_area": fo.FloatField,
     "ignore_area": fo.FloatField,
     "negative_prompt": fo.StringField,
@@ -291,6 +293,7 @@ SCALAR_TYPES = {
     "guidance_scale": float,
     "consistency": float,
     "combined_score": float,
+    "agreement": float,
 }
 
 

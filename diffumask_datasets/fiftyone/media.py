@@ -396,6 +396,7 @@ def _media_sample(
             "guidance_scale",
             "consistency",
             "combined_score",
+            "agreement",
         )
         if meta.get(key) is not None
     }

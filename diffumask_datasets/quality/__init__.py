@@ -6,13 +6,15 @@
     splice_store("out/shapes", "out/shapes-spliced", grid=(2, 2), count=200)
 
 One segmenter trainer (segmenter.py) serves all three; data.py reads stores and VOC
-folders; metrics.py holds the IoU arithmetic; corruptions.py makes masks bad on purpose
-(the kinds noise learning is measured against, benchmarks/noise.py).
+folders; metrics.py holds the IoU arithmetic; agreement.py scores a mask against a
+re-labelling of its own image (clean's second signal); corruptions.py makes masks bad on
+purpose (the kinds clean is measured against, benchmarks/noise.py).
 """
 
 from __future__ import annotations
 
 from . import corruptions
+from .agreement import agreement_of, relabelled_masks
 from .clean import CLEAN_SETTINGS, clean_store, combine_scores, consistency_scores
 from .data import LabelledSet, load_training, load_voc
 from .evaluate import Evaluation, evaluate
@@ -25,6 +27,7 @@ __all__ = [
     "LabelledSet",
     "Segmenter",
     "TrainSettings",
+    "agreement_of",
     "clean_store",
     "combine_scores",
     "consistency_scores",
@@ -33,6 +36,7 @@ __all__ = [
     "load_training",
     "load_voc",
     "mosaic",
+    "relabelled_masks",
     "splice_store",
     "train_segmenter",
 ]

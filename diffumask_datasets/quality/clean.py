@@ -8,10 +8,16 @@ left out). A mask that disagrees with what the rest of the data teaches is likel
 `clean_store` keeps the top fraction by consistency, after the definition's per-class
 priors (e.g. `prior: {area: [0.05, 0.5]}`) have ruled out masks of implausible size.
 
-Scores a cleaned sample carries: `consistency` (above; what clean ranks by unless told
-otherwise), the attention's own `quality` (from generation; blind to a mask that went
-wrong after the attention, e.g. one swapped or taken from another image), and
-`combined_score`, the rank average of the two (`combine_scores`; `rank_by="combined"`).
+Scores a cleaned sample carries: `consistency` (above), the attention's own `quality`
+(from generation; blind to a mask that went wrong after the attention, e.g. one swapped or
+taken from another image), its `agreement` with a re-labelling of its own image by the
+model that made it (quality/agreement.py; where that model is known), and
+`combined_score` (`combine_scores`): the rank average of consistency and agreement, or,
+without a re-labelling, of consistency and quality. By default clean re-labels when the
+samples name their model and ranks by the combined score: on the noise benchmark
+(benchmarks/noise.py, BENCHMARKS.md) consistency and agreement together found more of
+every kind of bad mask than either alone, except masks from another image and swapped
+classes, which agreement alone found as well or better.
 Which to trust is measured by benchmarks/noise.py against masks made bad on purpose
 (quality/corruptions.py).
 """
@@ -29,6 +35,7 @@ import numpy as np
 
 from diffumask_datasets.errors import DiffuMaskError
 
+from .agreement import agreement_of, generating_model, relabelled_masks, relabelling_model
 from .metrics import IGNORE, sample_iou
 from .segmenter import FCN, TrainSettings, train_segmenter
 
@@ -42,15 +49,22 @@ def check_keep(keep: float) -> float:
     return float(keep)
 
 
-RANK_BY = ("consistency", "combined")
+RANK_BY = ("consistency", "combined", "agreement")
 
 
-def check_rank_by(rank_by: str) -> str:
-    """rank_by if clean can rank by it (consistency or combined); else a one-line error."""
+def check_rank_by(rank_by: str | None, relabel: bool = False) -> str | None:
+    """rank_by if clean can rank by it (None: its default; consistency, combined, or with
+    relabel agreement); else a one-line error."""
+    if rank_by is None:
+        return None
     if rank_by not in RANK_BY:
         raise DiffuMaskError(
             f"--rank-by {rank_by!r} is not a score clean ranks by; use consistency (the "
-            "default) or combined"
+            "default), combined or agreement"
+        )
+    if rank_by == "agreement" and not relabel:
+        raise DiffuMaskError(
+            "--rank-by agreement needs the re-labelling that makes that score; add --relabel"
         )
     return rank_by
 
@@ -299,21 +313,28 @@ def clean_store(
     settings: TrainSettings = CLEAN_SETTINGS,
     use_priors: bool = True,
     progress: bool = True,
-    rank_by: str = "consistency",
+    rank_by: str | None = None,
+    relabel: bool | None = None,
+    relabel_model: str | None = None,
 ):
     """Noise learning on a store (a Store or its path): writes the kept samples, each with
     its `consistency` and `combined_score` in meta, as a new store at `dest`; the source is
-    only read. `rank_by` chooses the score that decides what is kept: "consistency" (the
-    default) or "combined" (the rank average of consistency and the attention's quality
-    score, `combine_scores`). The new manifest's `clean` entry records the settings and
-    every sample's scores; each
+    only read. With `relabel`, each sample's image is also labelled again by
+    `relabel_model` (None: the one model the samples' meta names, the one that generated
+    them) and its `agreement` with that is stored too (quality/agreement.py); relabel
+    None (the default) re-labels when there is such a model or `relabel_model` is given,
+    and says so when there is none. `rank_by` chooses the score that decides what is
+    kept: "combined" (the default with a re-labelling: the rank average of consistency and
+    agreement, `combine_scores`; without one, of consistency and the attention's quality),
+    "consistency" (the default without a re-labelling) or "agreement". The new
+    manifest's `clean` entry records the settings and every sample's scores; each
     kept sample's held-out prediction is saved beside the store (`held_out_path`), which
     is what FiftyOne evaluates the masks against. Returns (new Store, summary dict)."""
     from diffumask_datasets.export import check_destination, progress_bar, staged_destination
     from diffumask_datasets.store import open_store, write_store
 
     check_keep(keep)
-    check_rank_by(rank_by)
+    check_rank_by(rank_by, relabel is not False)
     if isinstance(store, (str, os.PathLike)):
         store = open_store(store)
     check_folds(folds, len(store))
@@ -323,6 +344,29 @@ def clean_store(
     check_has_objects(masks, str(store.path))
     class_ids = store.definition.class_ids
     classes = [[class_ids[c] for c in r.classes] for r in records]
+    agreement, model = None, relabel_model or generating_model(records)
+    if relabel is None:
+        relabel = model is not None
+        if not relabel and progress:
+            print(
+                "clean: the samples name no generating model, so none re-labels them; "
+                "ranking without agreement (pass --relabel-model MODEL to add it)",
+                file=sys.stderr,
+            )
+    check_rank_by(rank_by, relabel)
+    rank_by = rank_by or ("combined" if relabel else "consistency")
+    if relabel:  # first: a model that cannot load fails before the trainings' minutes
+        from diffumask_datasets import DiffuMask
+
+        model = relabelling_model(records, relabel_model)
+        others = relabelled_masks(
+            DiffuMask(model),
+            records,
+            class_ids,
+            refinement=store.definition.defaults.get("refinement"),
+            progress=progress,
+        )
+        agreement = agreement_of(masks, others, classes)
     predictions = held_out_predictions(
         [r.image for r in records],
         masks,
@@ -333,8 +377,9 @@ def clean_store(
         progress,
     )
     consistency = consistency_of(masks, predictions, classes)
-    combined = combine_scores([consistency, np.array([r.quality for r in records])])
-    scores = consistency if rank_by == "consistency" else combined
+    second = agreement if relabel else np.array([r.quality for r in records])
+    combined = combine_scores([consistency, second])
+    scores = {"consistency": consistency, "combined": combined, "agreement": agreement}[rank_by]
     priors = store.definition.priors if use_priors else {}
     violations = [prior_violation(r.mask, r.classes, class_ids, priors) for r in records]
     kept = choose_kept(scores, np.array([v is None for v in violations]), keep)
@@ -355,6 +400,11 @@ def clean_store(
             str(r.index): round(float(s), 4) for r, s in zip(records, combined, strict=True)
         },
     }
+    if relabel:
+        summary["relabel_model"] = model
+        summary["agreement"] = {
+            str(r.index): round(float(s), 4) for r, s in zip(records, agreement, strict=True)
+        }
     manifest = {**store.manifest, "clean": summary}
 
     def annotated():
@@ -364,6 +414,7 @@ def clean_store(
                 **record.meta,
                 "consistency": round(float(consistency[i]), 4),
                 "combined_score": round(float(combined[i]), 4),
+                **({"agreement": round(float(agreement[i]), 4)} if relabel else {}),
             }
             yield record
 
