@@ -26,6 +26,13 @@ kind and share the agreement of each (bad) mask with that re-labelling is scored
 and combined with consistency (their rank average), with pruned@0.7/0.5, Spearman and,
 for the 25% stores, the synthetic-to-real result after keeping the top 70% by each.
 
+With --natural N, the errors no one put there: N images `builtin:shapes` generated from
+prompts naming 2 and 3 shapes (the shapes benchmark's (c) prompts), masks by the shapes
+definition's refinement, each drawn object named by (c)'s shape classifier as its
+reference. `clean` runs on that store with its defaults (it re-labels: the samples name
+their model), and each score's Spearman with the sample's true object IoU is reported,
+with the mean true IoU of the samples each score keeps at 0.7 against all of them.
+
 Each result is saved to --work/noise.json as soon as it is done (a restart resumes; the
 key names the clean settings, so runs with other settings add rows beside them).
 
@@ -33,6 +40,7 @@ key names the clean settings, so runs with other settings add rows beside them).
     python benchmarks/noise.py --work runs/noise --kinds partial --shares 0.25 \\
         --segmenter builtin:fcn --train-steps 600 --size 64            # one setting
     python benchmarks/noise.py --work runs/noise --relabel builtin:shapes  # + agreement
+    python benchmarks/noise.py --work runs/noise --natural 256 --kinds none  # natural errors
     python benchmarks/noise.py --work runs/noise --report-only --json out.json
 """
 
@@ -135,6 +143,9 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--relabel", default=None, help="score the agreement with a re-labelling by this model"
     )
+    parser.add_argument(
+        "--natural", type=int, default=0, help="N generated multi-object images (0: none)"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -222,8 +233,10 @@ def main(argv=None) -> dict:
               f"{row['pruned']['0.5']:.2f}  spearman {row['spearman']['consistency']:.2f}"
               f"  ({seconds:.0f} s)", flush=True)  # fmt: skip
 
+    if args.natural:
+        natural_row(args, rows, settings)
     shares = [float(s) for s in args.shares.split(",")]
-    kinds = args.kinds.split(",")
+    kinds = [k for k in args.kinds.split(",") if k != "none"]
     corrupted = {
         (kind, share): corruptions.corrupt(exact, kind, share, args.seed + 3)
         for share in shares
@@ -279,6 +292,95 @@ def main(argv=None) -> dict:
     if args.json:
         args.json.write_text(json.dumps({**rows.data, **transfers.data}, indent=2))
     return {**rows.data, **transfers.data}
+
+
+def natural_store(args):
+    """--natural N generated multi-object samples as a store, and each one's reference
+    (objects named by the shape classifier; 255 where unnamed) and the shapes found."""
+    from shapes_quality import multi_object_prompts, named_objects, train_shape_classifier
+
+    from diffumask_datasets import DiffuMask
+    from diffumask_datasets.definitions import load_definition
+    from diffumask_datasets.store import MANIFEST, Record, make_manifest, open_store, write_store
+
+    n, seed = args.natural, args.seed + 5
+    path = args.work / f"natural-{n}-seed{seed}"
+    if not (path / MANIFEST).is_file():
+        definition = load_definition("shapes")
+        prompts = multi_object_prompts(n // 2, 2, seed) + multi_object_prompts(n - n // 2, 3, seed)
+        began = time.time()
+        samples = DiffuMask("builtin:shapes")(
+            [p for p, _ in prompts],
+            classes=[shapes for _, shapes in prompts],
+            seed=seed,
+            num_inference_steps=20,
+            guidance_scale=4.0,
+            class_ids=sw.CLASS_IDS,
+            refinement=definition.defaults["refinement"],
+            batch_size=16,
+        )
+        print(f"generated {n} multi-object samples ({time.time() - began:.0f} s)", flush=True)
+        config = {"natural": n, "seed": seed, "model": "builtin:shapes"}
+        manifest = make_manifest(definition, config, json.dumps(config), n, 64, 16)
+        write_store(path, [Record.from_sample(i, s, 16) for i, s in enumerate(samples)], manifest)
+    store = open_store(path)
+    classifier = train_shape_classifier(args.seed)
+    references = [
+        named_objects(classifier, np.asarray(r.image), list(r.classes)) for r in store.records()
+    ]
+    return store, references
+
+
+def natural_row(args, rows, settings) -> None:
+    """Clean (defaults) on --natural generated samples; each score against true object IoU."""
+    from diffumask_datasets.quality import clean_store
+    from diffumask_datasets.quality.metrics import IGNORE, sample_iou
+
+    key = f"natural/{args.natural}/{settings.segmenter}-{settings.size}px-{settings.steps}"
+    if key in rows or args.report_only:
+        return
+    store, references = natural_store(args)
+    records = list(store.records())
+    truth = []
+    for record, (ref, found) in zip(records, references, strict=True):
+        ids = [sw.CLASS_IDS[s] for s in sorted(found)]
+        mask = np.where(ref == IGNORE, IGNORE, record.mask)
+        truth.append(sample_iou(mask, ref, [0, *ids]) if ids else np.nan)
+    truth = np.array(truth)
+    cleaned = args.work / "cleaned" / "natural"
+    shutil.rmtree(cleaned, ignore_errors=True)
+    began = time.time()
+    _, summary = clean_store(
+        store, cleaned, args.folds, 0.7, settings, use_priors=False, progress=False
+    )
+    seconds = time.time() - began
+    scored = np.isfinite(truth)
+    scores = {
+        name: np.array([summary[name][str(r.index)] for r in records])
+        for name in ("consistency", "agreement", "combined_score")
+        if name in summary
+    }
+    scores["quality"] = np.array([r.quality for r in records])
+    result = {"samples": len(records), "scored": int(scored.sum()), "seconds": round(seconds, 1)}
+    result["mean_true_iou"] = float(truth[scored].mean())
+    for name, score in scores.items():
+        kept = np.zeros(len(records), bool)
+        kept[np.argsort(-score, kind="stable")[: int(round(0.7 * len(records)))]] = True
+        result[name] = {
+            "spearman": spearman(score[scored], truth[scored]),
+            "kept_true_iou": float(truth[scored & kept].mean()),
+            "dropped_true_iou": float(truth[scored & ~kept].mean()),
+        }
+    rows.put(key, result)
+    print(f"{key}: mean true object IoU {result['mean_true_iou']:.3f} over {result['scored']}")
+    print("| score | Spearman | true IoU of the kept 70% | of the dropped 30% |")
+    print("|---|---|---|---|")
+    for name in scores:
+        r = result[name]
+        print(
+            f"| {name} | {r['spearman']:.3f} | {r['kept_true_iou']:.3f} "
+            f"| {r['dropped_true_iou']:.3f} |"
+        )
 
 
 def relabelled(args, truth, records) -> list[np.ndarray]:

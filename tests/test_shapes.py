@@ -15,6 +15,15 @@ from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.resources import PACKAGE_DIR
 
 WEIGHTS = PACKAGE_DIR / "weights" / "shapes"
+# the shipped models: their folder, pipeline class and the parts that hold weights
+SHIPPED = {
+    "builtin:shapes": (WEIGHTS, "StableDiffusionPipeline", ("unet", "vae", "text_encoder")),
+    "builtin:shapes-mmdit": (
+        PACKAGE_DIR / "weights" / "shapes-mmdit",
+        "StableDiffusion3Pipeline",
+        ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
+    ),
+}
 
 # Set from the benchmark (BENCHMARKS.md, shapes-quality): with affinity refinement the
 # shipped model's per-class IoU against the drawn object was 0.75-0.83 (247 images; the
@@ -222,12 +231,14 @@ def test_contact_sheet_grid_and_overlay(tmp_path):
 
 
 # ---------------------------------------------------------------- shipped model
-def test_weights_are_a_small_diffusers_folder():
-    index = json.loads((WEIGHTS / "model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusionPipeline"
-    for part in ("unet", "vae", "text_encoder"):
-        assert list((WEIGHTS / part).glob("*.safetensors")), part
-    total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
+@pytest.mark.parametrize("model", SHIPPED)
+def test_weights_are_a_small_diffusers_folder(model):
+    folder, pipeline, parts = SHIPPED[model]
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == pipeline
+    for part in parts:
+        assert list((folder / part).glob("*.safetensors")), part
+    total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert total <= 25 * 2**20
 
 
@@ -247,7 +258,8 @@ def test_tokenizer_knows_every_word_of_the_shapes_builder():
         assert cls.prompt in vocab and all(s in vocab for s in cls.sub_classes)
 
 
-def test_shipped_model_loads_quietly(capfd):
+@pytest.mark.parametrize("model", SHIPPED)
+def test_shipped_model_loads_quietly(model, capfd):
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -257,7 +269,7 @@ def test_shipped_model_loads_quietly(capfd):
         (lib.get_verbosity(), lib.is_progress_bar_enabled())
         for lib in (diffusers_logging, transformers_logging)
     ]
-    _make_builtin("builtin:shapes")
+    _make_builtin(model)
     err = capfd.readouterr().err
     assert "Loading" not in err and "accelerate" not in err, err
     # the libraries' settings are the user's again
