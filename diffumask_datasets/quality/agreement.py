@@ -17,6 +17,7 @@ generating).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -65,16 +66,18 @@ def relabelled_masks(
     """Each record's image labelled again by `dm` (a DiffuMask) with the record's prompt,
     classes, seed, steps, guidance and refinement as its meta records them (where it
     records none: RELABEL_STEPS, RELABEL_GUIDANCE and `refinement`, e.g. the store's
-    definition's). Records are grouped by those settings, so a store made by one command
-    runs in batches."""
+    definition's; steps raised where `strength` of them would run none). Records are
+    grouped by those settings, so a store made by one command runs in batches."""
     from tqdm.auto import tqdm
 
     def settings(record) -> tuple:
         meta = record.meta
         refinement = meta.get("refinement")
         params = refinement.get("params") if isinstance(refinement, Mapping) else None
+        steps = int(meta.get("num_inference_steps") or RELABEL_STEPS)
         return (
-            int(meta.get("num_inference_steps") or RELABEL_STEPS),
+            # at least one denoising step at this strength (a store made in 2 steps)
+            max(steps, math.ceil(1 / strength)),
             float(meta.get("guidance_scale") or RELABEL_GUIDANCE),
             repr(sorted(params.items())) if params else None,
         )
