@@ -152,9 +152,11 @@ def _split_table(splits: Mapping[str, int] | None, total: int) -> str:
     return "\n".join(lines)
 
 
-def _template(name: str) -> str:
+def _template(name: str, labelled: bool = False) -> str:
+    """The card template: labelled.md for given images (`diffumask label`), else the
+    definition's own, else the generic one."""
     folder = cards_dir()
-    path = folder / f"{name}.md"
+    path = folder / ("labelled.md" if labelled else f"{name}.md")
     if not path.is_file():
         path = folder / "diffumask.md"
     return path.read_text(encoding="utf-8")
@@ -237,7 +239,8 @@ def render_card(store: Any, splits: Mapping[str, int] | None = None) -> str:
         "package_version": str(store.manifest.get("package_version", "unknown")),
         "refinement": json.dumps(config.get("refinement")),
     }
-    body = string.Template(_template(definition.name)).safe_substitute(values)
+    labelled = config.get("route") == "image-to-image"
+    body = string.Template(_template(definition.name, labelled)).safe_substitute(values)
     return _yaml_header(meta) + "\n" + body.lstrip()
 
 
