@@ -438,6 +438,102 @@ def device_name(device: torch.device, threads: int) -> str:
     return f"cpu: {os.cpu_count()} cores, {threads} torch thread{'s' if threads > 1 else ''}"
 
 
+def make_log(work: Path):
+    """log(record): the record printed as a JSON line and appended to work/log.jsonl."""
+
+    def log(record: dict) -> None:
+        line = json.dumps(record)
+        print(line, flush=True)
+        with (work / "log.jsonl").open("a") as fh:
+            fh.write(line + "\n")
+
+    return log
+
+
+class Run:
+    """A training loop's bookkeeping apart from its weights: the step, the seconds trained
+    over every session, the best probe score, each session's device and steps, where the
+    run began (--init-from), and when a checkpoint, a snapshot or the best is written.
+    `weights()` gives the loop's own part of a checkpoint (models, optimizer, generator)."""
+
+    def __init__(self, work: Path, args, device: torch.device, weights, log):
+        self.work, self.args, self.weights, self.log = work, args, weights, log
+        self.step, self.seconds, self.best = 0, 0.0, -1.0
+        self.sessions: list[dict] = []
+        self.lineage = None
+        self.device = device_name(device, args.threads)
+
+    def resume(self, ckpt: dict) -> None:
+        """Go on from a checkpoint of this run (its own part is the loop's to load)."""
+        self.step, self.seconds, self.best = ckpt["step"], ckpt["seconds"], ckpt["best"]
+        self.sessions, self.lineage = ckpt.get("sessions", []), ckpt.get("init_from")
+        self.log({"stage": "resume", "step": self.step, "seconds": self.seconds})
+
+    def start_from(self, start: dict) -> None:
+        """Go on from an exported folder's step, seconds and sessions (init_from_export)."""
+        self.step, self.seconds = start["step"], start["seconds"]
+        self.sessions, self.lineage = start["sessions"], start["lineage"]
+
+    def begin(self) -> None:
+        """This session starts now: its clock, and the cap on its time (--minutes)."""
+        self.began = self.last_ckpt = time.time()
+        self.session_start = self.began - self.seconds
+        self.from_step = self.step
+
+    def elapsed(self) -> float:
+        """Seconds trained over every session so far."""
+        return time.time() - self.session_start
+
+    def running(self) -> bool:
+        # The cap is this session's: a run's whole time grows past any one cap by design.
+        return self.step < self.args.max_steps and time.time() - self.began < self.args.minutes * 60
+
+    def state(self, probe_figures=None) -> dict:
+        session = {
+            "device": self.device,
+            "from_step": self.from_step,
+            "to_step": self.step,
+            "seconds": self.elapsed() - self.seconds,
+        }
+        return {
+            **self.weights(),
+            "step": self.step,
+            "seconds": self.elapsed(),
+            "best": self.best,
+            "probe": probe_figures,
+            "sessions": [*self.sessions, session],
+            "init_from": self.lineage,
+        }
+
+    def after_step(self, probe, score_key: str) -> None:
+        """The writes due after a step: the probe (`probe()`: its figures) every
+        --probe-every steps and best.pt when its `score_key` figure is the best so far, a
+        snapshot at --snapshots, the checkpoint every --ckpt-minutes."""
+        if self.step % self.args.probe_every == 0:
+            figures = probe()
+            self.log(
+                {
+                    "stage": "probe",
+                    "step": self.step,
+                    **{k: round(v, 4) for k, v in figures.items()},
+                }
+            )
+            if figures[score_key] > self.best:
+                self.best = figures[score_key]
+                atomic_save(self.state(figures), self.work / "best.pt")
+        if self.step in self.args.snapshots:
+            atomic_save(self.state(), self.work / f"snapshot-{self.step}.pt")
+        if time.time() - self.last_ckpt > self.args.ckpt_minutes * 60:
+            atomic_save(self.state(), self.work / "ckpt.pt")
+            self.last_ckpt = time.time()
+
+    def finish(self) -> None:
+        atomic_save(self.state(), self.work / "ckpt.pt")
+        if not (self.work / "best.pt").exists():
+            atomic_save(self.state(), self.work / "best.pt")
+        self.log({"stage": "done", "step": self.step, "elapsed": self.elapsed()})
+
+
 def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     arr = np.stack(images).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
@@ -702,6 +798,21 @@ def exported_weights(folder: Path) -> dict:
     }
 
 
+def portable_tokenizers(dest: Path, folders: tuple[str, ...]) -> None:
+    """Name an exported pipeline's tokenizers by the class every transformers version has
+    (4.x and 5.x), not 5.x's TokenizersBackend, so the folder loads wherever diffusers
+    does."""
+    index_path = dest / "model_index.json"
+    index = json.loads(index_path.read_text())
+    for folder in folders:
+        index[folder] = ["transformers", "PreTrainedTokenizerFast"]
+        config_path = dest / folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def export(work: Path, which: str, dest: Path, args, log) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -733,16 +844,7 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
     )
     dest.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(dest, safe_serialization=True)
-    # Name the tokenizer by the class every transformers version has (4.x and 5.x), not
-    # 5.x's TokenizersBackend, so the folder loads wherever diffusers does.
-    index_path = dest / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    config_path = dest / "tokenizer" / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    portable_tokenizers(dest, ("tokenizer",))
     (dest / "training.json").write_text(
         json.dumps(
             {
@@ -956,13 +1058,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
-    log_path = work / "log.jsonl"
-
-    def log(record: dict) -> None:
-        line = json.dumps(record)
-        print(line, flush=True)
-        with log_path.open("a") as fh:
-            fh.write(line + "\n")
+    log = make_log(work)
 
     if not (work / f"{args.export_from}.pt").exists() and args.export_only:
         sys.exit(f"--export-from {args.export_from}: {work / args.export_from}.pt does not exist")
@@ -1009,7 +1105,20 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     scheduler = make_scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
-    step, trained_seconds, best_score, sessions, lineage = 0, 0.0, -1.0, [], None
+    run = Run(
+        work,
+        args,
+        device,
+        lambda: {
+            "unet": unet.state_dict(),
+            "text": text_encoder.state_dict(),
+            "ema_unet": ema_unet.state_dict(),
+            "ema_text": ema_text.state_dict(),
+            "opt": opt.state_dict(),
+            "gen": gen.get_state(),
+        },
+        log,
+    )
     # Every random draw comes from this CPU generator, so a run draws the same batches,
     # noise and timesteps on any device.
     gen = torch.Generator().manual_seed(args.seed)
@@ -1021,19 +1130,15 @@ def main(argv=None) -> None:
         ema_text.load_state_dict(ckpt["ema_text"])
         opt.load_state_dict(ckpt["opt"])
         gen.set_state(ckpt["gen"])
-        step, trained_seconds, best_score = ckpt["step"], ckpt["seconds"], ckpt["best"]
-        sessions = ckpt.get("sessions", [])
-        lineage = ckpt.get("init_from")
-        log({"stage": "resume", "step": step, "seconds": trained_seconds})
+        run.resume(ckpt)
     elif start is not None:
         weights = exported_weights(args.init_from)
         for model, ema, key in ((unet, ema_unet, "unet"), (text_encoder, ema_text, "text")):
             model.load_state_dict(weights[key])
             ema.load_state_dict(weights[key])
-        step, trained_seconds, sessions = start["step"], start["seconds"], start["sessions"]
-        lineage = start["lineage"]
+        run.start_from(start)
         # An export keeps no generator state: a fresh one, seeded apart from step 0's.
-        gen.manual_seed(args.seed + step)
+        gen.manual_seed(args.seed + run.step)
     n_params = sum(p.numel() for p in unet.parameters())
     log(
         {
@@ -1044,35 +1149,14 @@ def main(argv=None) -> None:
     )
 
     sink = install_recorders(unet)
-    last_ckpt = time.time()
-    began = time.time()
-    session_start = began - trained_seconds
-    this_session = {"device": device_name(device, args.threads), "from_step": step}
+    run.begin()
     recent: list[torch.Tensor] = []
-
-    def state(probe_figures=None) -> dict:
-        elapsed = time.time() - session_start
-        session = {**this_session, "to_step": step, "seconds": elapsed - trained_seconds}
-        return {
-            "unet": unet.state_dict(),
-            "text": text_encoder.state_dict(),
-            "ema_unet": ema_unet.state_dict(),
-            "ema_text": ema_text.state_dict(),
-            "opt": opt.state_dict(),
-            "gen": gen.get_state(),
-            "step": step,
-            "seconds": elapsed,
-            "best": best_score,
-            "probe": probe_figures,
-            "sessions": [*sessions, session],
-            "init_from": lineage,
-        }
 
     ramp = torch.zeros((), device=device)
     step_losses = partial(denoising_losses, unet, text_encoder, sink, alphas=alphas, args=args)
     graphed = None
-    # The cap is this session's: a run's whole time grows past any one cap by design.
-    while step < args.max_steps and time.time() - began < args.minutes * 60:
+    while run.running():
+        step = run.step
         idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
         ids = token_ids[idx].clone()
         drop = torch.rand(args.batch, generator=gen) < args.uncond_prob
@@ -1109,7 +1193,7 @@ def main(argv=None) -> None:
             decay = min(args.ema, (1 + step) / (10 + step))
             for src, dst in ((unet, ema_unet), (text_encoder, ema_text)):
                 torch._foreach_lerp_(list(dst.parameters()), list(src.parameters()), 1 - decay)
-        step += 1
+        run.step = step = step + 1
         recent.append(figures.clone())  # read back every 50 steps: no sync per step
         if step % 50 == 0:
             m = torch.stack(recent).double().mean(0).tolist()
@@ -1122,26 +1206,15 @@ def main(argv=None) -> None:
                     "coverage": round(float(m[2]), 4),
                     "smooth": round(float(m[3]), 4),
                     "lr": rate,
-                    "elapsed": round(time.time() - session_start, 1),
+                    "elapsed": round(run.elapsed(), 1),
                 }
             )
             recent.clear()
-        if step % args.probe_every == 0:
-            figures = probe(ema_unet, ema_text, tokenizer, scheduler, held_out)
-            log({"stage": "probe", "step": step, **{k: round(v, 4) for k, v in figures.items()}})
-            score = figures["probe_shape_best_iou"]
-            if score > best_score:
-                best_score = score
-                atomic_save(state(figures), work / "best.pt")
-        if step in args.snapshots:
-            atomic_save(state(), work / f"snapshot-{step}.pt")
-        if time.time() - last_ckpt > args.ckpt_minutes * 60:
-            atomic_save(state(), ckpt_path)
-            last_ckpt = time.time()
-    atomic_save(state(), ckpt_path)
-    if not (work / "best.pt").exists():
-        atomic_save(state(), work / "best.pt")
-    log({"stage": "done", "step": step, "elapsed": time.time() - session_start})
+        run.after_step(
+            lambda: probe(ema_unet, ema_text, tokenizer, scheduler, held_out),
+            "probe_shape_best_iou",
+        )
+    run.finish()
     if args.export is not None:
         export(work, args.export_from, args.export, args, log)
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -46,12 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train_shapes import (  # noqa: E402
     MAX_LENGTH,
-    atomic_save,
+    Run,
     build_tokenizer,
-    device_name,
     encode_dataset,
     learning_rate,
     localisation_figures,
+    make_log,
+    portable_tokenizers,
     probe_set,
 )
 
@@ -226,16 +226,7 @@ def export(work: Path, which: str, dest: Path, args, log) -> None:
     pipe = make_pipeline(transformer, encoders, tokenizer, vae)
     dest.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(dest, safe_serialization=True)
-    # Name the tokenizers by the class every transformers version has (4.x and 5.x).
-    index_path = dest / "model_index.json"
-    index = json.loads(index_path.read_text())
-    for folder in ("tokenizer", "tokenizer_2", "tokenizer_3"):
-        index[folder] = ["transformers", "PreTrainedTokenizerFast"]
-        config_path = dest / folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text())
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    portable_tokenizers(dest, ("tokenizer", "tokenizer_2", "tokenizer_3"))
     record = {
         "checkpoint": which,
         "step": ckpt["step"],
@@ -381,12 +372,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
-
-    def log(record: dict) -> None:
-        line = json.dumps(record)
-        print(line, flush=True)
-        with (work / "log.jsonl").open("a") as fh:
-            fh.write(line + "\n")
+    log = make_log(work)
 
     if args.export_only:
         if not (work / f"{args.export_from}.pt").exists():
@@ -420,8 +406,19 @@ def main(argv=None) -> None:
         ema[name].to(device).eval().requires_grad_(False)
     params = [p for model in models.values() for p in model.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    step, trained_seconds, best_score, sessions, lineage = 0, 0.0, -1.0, [], None
     gen = torch.Generator().manual_seed(args.seed)
+    run = Run(
+        work,
+        args,
+        device,
+        lambda: {
+            "model": {name: model.state_dict() for name, model in models.items()},
+            "ema": {name: model.state_dict() for name, model in ema.items()},
+            "opt": opt.state_dict(),
+            "gen": gen.get_state(),
+        },
+        log,
+    )
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         for name, model in models.items():
@@ -429,17 +426,14 @@ def main(argv=None) -> None:
             ema[name].load_state_dict(ckpt["ema"][name])
         opt.load_state_dict(ckpt["opt"])
         gen.set_state(ckpt["gen"])
-        step, trained_seconds, best_score = ckpt["step"], ckpt["seconds"], ckpt["best"]
-        sessions, lineage = ckpt.get("sessions", []), ckpt.get("init_from")
-        log({"stage": "resume", "step": step, "seconds": trained_seconds})
+        run.resume(ckpt)
     elif start is not None:
         for name, model in models.items():
             model.load_state_dict(start["weights"][name])
             ema[name].load_state_dict(start["weights"][name])
-        step, trained_seconds, sessions = start["step"], start["seconds"], start["sessions"]
-        lineage = start["lineage"]
-        gen.manual_seed(args.seed + step)  # an export keeps no generator state
-        log({"stage": "init-from", **lineage})
+        run.start_from(start)
+        gen.manual_seed(args.seed + run.step)  # an export keeps no generator state
+        log({"stage": "init-from", **run.lineage})
     pipe = make_pipeline(transformer, encoders, tokenizer, vae)
     ema_pipe = make_pipeline(ema["transformer"], [ema[n] for n in ENCODERS], tokenizer, vae)
     log(
@@ -450,28 +444,11 @@ def main(argv=None) -> None:
         }
     )
 
-    began = time.time()
-    session_start, last_ckpt = began - trained_seconds, began
-    this_session = {"device": device_name(device, args.threads), "from_step": step}
-    recent: list[float] = []
+    run.begin()
+    recent: list[torch.Tensor] = []
 
-    def state(probe_figures=None) -> dict:
-        elapsed = time.time() - session_start
-        session = {**this_session, "to_step": step, "seconds": elapsed - trained_seconds}
-        return {
-            "model": {name: model.state_dict() for name, model in models.items()},
-            "ema": {name: model.state_dict() for name, model in ema.items()},
-            "opt": opt.state_dict(),
-            "gen": gen.get_state(),
-            "step": step,
-            "seconds": elapsed,
-            "best": best_score,
-            "probe": probe_figures,
-            "sessions": [*sessions, session],
-            "init_from": lineage,
-        }
-
-    while step < args.max_steps and time.time() - began < args.minutes * 60:
+    while run.running():
+        step = run.step
         idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
         drop = torch.rand(args.batch, generator=gen) < args.uncond_prob
         noise = torch.randn((args.batch, *latents.shape[1:]), generator=gen)
@@ -498,7 +475,7 @@ def main(argv=None) -> None:
                 torch._foreach_lerp_(
                     list(ema[name].parameters()), list(model.parameters()), 1 - decay
                 )
-        step += 1
+        run.step = step = step + 1
         recent.append(loss.detach())
         if step % 50 == 0:
             mean = float(torch.stack(recent).double().mean())
@@ -508,25 +485,12 @@ def main(argv=None) -> None:
                     "step": step,
                     "loss": round(mean, 5),
                     "lr": rate,
-                    "elapsed": round(time.time() - session_start, 1),
+                    "elapsed": round(run.elapsed(), 1),
                 }
             )
             recent.clear()
-        if step % args.probe_every == 0:
-            figures = probe(ema_pipe, held_out)
-            log({"stage": "probe", "step": step, **{k: round(v, 4) for k, v in figures.items()}})
-            if figures["probe_shape_area_iou"] > best_score:
-                best_score = figures["probe_shape_area_iou"]
-                atomic_save(state(figures), work / "best.pt")
-        if step in args.snapshots:
-            atomic_save(state(), work / f"snapshot-{step}.pt")
-        if time.time() - last_ckpt > args.ckpt_minutes * 60:
-            atomic_save(state(), ckpt_path)
-            last_ckpt = time.time()
-    atomic_save(state(), ckpt_path)
-    if not (work / "best.pt").exists():
-        atomic_save(state(), work / "best.pt")
-    log({"stage": "done", "step": step, "elapsed": time.time() - session_start})
+        run.after_step(lambda: probe(ema_pipe, held_out), "probe_shape_area_iou")
+    run.finish()
     if args.export is not None:
         export(work, args.export_from, args.export, args, log)
 
