@@ -299,13 +299,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=600.0, help="this session's training time cap")
-    p.add_argument("--max-steps", type=int, default=20_000)
+    p.add_argument(
+        "--max-steps", type=int, default=6000, help="transformer steps (the shipped model: 6000)"
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument(
         "--cooldown-steps",
         type=int,
-        default=2000,
+        default=1500,
         help="the rate falls linearly to zero over the last N steps (0: constant)",
     )
     p.add_argument(

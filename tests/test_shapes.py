@@ -311,6 +311,35 @@ def test_shipped_model_generates_offline(shapes_pipe):
     assert image.std() > 5  # not a flat or empty picture
 
 
+def test_shipped_mmdit_model_generates_through_the_engine_offline():
+    """builtin:shapes-mmdit draws something and its masks come from its joint attention:
+    the SD3 family with the model's own T5 length, seeded samples at 64 px."""
+    import torch
+
+    from diffumask_datasets import DiffuMask
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dm = DiffuMask("builtin:shapes-mmdit")
+        assert dm.family.name == "sd3" and dm.family.max_sequence_length == 24
+        prompt = "a photo of a red circle on a white background"
+        runs = [
+            dm([prompt] * 2, classes=[["circle"]] * 2, seed=[0, 1], num_inference_steps=20,
+               guidance_scale=4.0, class_ids=sw.CLASS_IDS, batch_size=size)
+            for size in (2, 1)
+        ]  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)  # independent of the batch
+    for sample in runs[0]:
+        image = np.asarray(sample.image)
+        assert image.shape == (64, 64, 3) and image.std() > 5  # not a flat picture
+        assert sample.mask.shape == (64, 64) and (sample.mask == sw.CLASS_IDS["circle"]).any()
+        assert sample.meta["model"] == "builtin:shapes-mmdit"
+
+
 def test_generated_single_object_mask_overlaps_the_object(shapes_pipe):
     from diffumask_datasets import DiffuMask
 
