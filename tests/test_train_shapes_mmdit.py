@@ -61,10 +61,21 @@ def test_the_probe_reads_the_engines_capture(finished):
     assert all(0.0 <= r["probe_shape_area_iou"] <= 1.0 for r in probes)
 
 
-def test_the_export_is_a_builtin_model_to_the_engine(finished, monkeypatch):
-    from diffumask_datasets import DiffuMask, models
+@pytest.fixture
+def exported_builtin(finished, monkeypatch):
+    """builtin:shapes-mmdit pointing at the run's export; the process's cached built-in
+    (the shipped weights, if another test loaded them) is set aside and back."""
+    from diffumask_datasets import models
 
+    models._builtin.cache_clear()
     monkeypatch.setattr(models, "SHAPES_MMDIT_WEIGHTS", finished / "export")
+    yield
+    models._builtin.cache_clear()
+
+
+def test_the_export_is_a_builtin_model_to_the_engine(finished, exported_builtin):
+    from diffumask_datasets import DiffuMask
+
     dm = DiffuMask("builtin:shapes-mmdit")
     assert dm.family.name == "sd3" and dm.default_size() == 64
     assert dm.family.max_sequence_length == 24  # the T5 length it was trained with
