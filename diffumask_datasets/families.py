@@ -17,8 +17,6 @@ from typing import Any
 from .errors import DiffuMaskError
 from .tokens import class_token_indices, find_class_tokens, find_t5_class_tokens
 
-CLIP_TOKENS = 77
-
 
 def _noise(seeds: Sequence[int], shape: tuple[int, ...]):
     import torch

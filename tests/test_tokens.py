@@ -10,6 +10,9 @@ def tok():
     return clip_tokenizer()
 
 
+CLIP_TOKENS = 77  # SD3's CLIP tokens (and the tiny built-in's), before T5's
+
+
 def pieces(tok, prompt, positions):
     ids = tok(prompt).input_ids
     return [tok.convert_ids_to_tokens(ids[p]) for p in positions]
@@ -112,14 +115,14 @@ def test_t5_absent_class_and_too_long_prompt_are_errors(t5):
 
 
 def test_sd3_positions_are_clip_then_t5_in_the_joint_text():
-    from diffumask_datasets.families import CLIP_TOKENS, family_of
+    from diffumask_datasets.families import family_of
     from diffumask_datasets.models import load_pipeline
 
     pipe = load_pipeline("builtin:tiny-random-sd3")
     family = family_of(pipe)
     prompt = "a photo of an aeroplane"
     positions = family.token_positions(prompt, ["aeroplane"], None)["aeroplane"]
-    assert positions == [5, 6, CLIP_TOKENS + 4, CLIP_TOKENS + 5]
+    assert positions == [5, 6, CLIP_TOKENS + 4, CLIP_TOKENS + 5]  # T5's after CLIP's 77
     # past CLIP's 77 tokens the class is still read from T5
     long = "a photo " + "of a very long story " * 20 + "with a cat"
     positions = family.token_positions(long, ["cat"], None)["cat"]

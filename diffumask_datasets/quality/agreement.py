@@ -40,18 +40,16 @@ def generating_model(records: Sequence[Any]) -> str | None:
 
 
 def relabelling_model(records: Sequence[Any], model: str | None) -> str:
-    """The model to re-label with: `model` when given, else the one model every record's
-    meta names (the model that generated them); one line naming the fix otherwise."""
-    if model is not None:
-        return model
-    named = {r.meta.get("model") for r in records}
-    if generating_model(records) is None:
+    """`model` (given, or `generating_model`'s) as the model to re-label with; one line
+    naming the fix when there is none."""
+    if model is None:
+        named = {r.meta.get("model") for r in records}
         shown = sorted(str(m) for m in named)
         raise DiffuMaskError(
             f"the samples name {len(named)} generating models ({', '.join(shown)}), so the "
             "model to re-label with is not known; pass one, e.g. --relabel-model builtin:shapes"
         )
-    return named.pop()
+    return model
 
 
 def relabelled_masks(
@@ -70,26 +68,27 @@ def relabelled_masks(
     grouped by those settings, so a store made by one command runs in batches."""
     from tqdm.auto import tqdm
 
-    def settings(record) -> tuple:
+    def settings(record) -> tuple[tuple, Mapping | None]:
+        """(the grouping key, the recorded refinement parameters)."""
         meta = record.meta
-        refinement = meta.get("refinement")
-        params = refinement.get("params") if isinstance(refinement, Mapping) else None
+        recorded = meta.get("refinement")
+        params = recorded.get("params") if isinstance(recorded, Mapping) else None
         steps = int(meta.get("num_inference_steps") or RELABEL_STEPS)
-        return (
+        key = (
             # at least one denoising step at this strength (a store made in 2 steps)
             max(steps, math.ceil(1 / strength)),
             float(meta.get("guidance_scale") or RELABEL_GUIDANCE),
             repr(sorted(params.items())) if params else None,
         )
+        return key, params
 
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple, tuple[Mapping | None, list[int]]] = {}
     for i, record in enumerate(records):
-        groups.setdefault(settings(record), []).append(i)
+        key, params = settings(record)
+        groups.setdefault(key, (params, []))[1].append(i)
     masks: list[np.ndarray | None] = [None] * len(records)
     bar = tqdm(total=len(records), desc="re-label", unit="img", disable=not progress)
-    for (steps, guidance, _), members in groups.items():
-        recorded = records[members[0]].meta.get("refinement")
-        params = recorded.get("params") if isinstance(recorded, Mapping) else None
+    for (steps, guidance, _), (params, members) in groups.items():
         for start in range(0, len(members), batch_size):
             batch = [records[i] for i in members[start : start + batch_size]]
             samples = dm.label(

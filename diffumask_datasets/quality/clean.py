@@ -344,7 +344,7 @@ def clean_store(
     check_has_objects(masks, str(store.path))
     class_ids = store.definition.class_ids
     classes = [[class_ids[c] for c in r.classes] for r in records]
-    agreement, model = None, relabel_model or generating_model(records)
+    agreement, model = None, relabel_model or generating_model(records)  # None: not known
     if relabel is None:
         relabel = model is not None
         if not relabel and progress:
@@ -358,7 +358,7 @@ def clean_store(
     if relabel:  # first: a model that cannot load fails before the trainings' minutes
         from diffumask_datasets import DiffuMask
 
-        model = relabelling_model(records, relabel_model)
+        model = relabelling_model(records, model)
         others = relabelled_masks(
             DiffuMask(model),
             records,
