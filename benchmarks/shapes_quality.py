@@ -867,7 +867,7 @@ def real_scene_prompts(scenes, prompts: str) -> tuple[list[list[str]], list[str]
 
 
 def label_real_scenes(
-    dm, scenes, strength: float, refinement: dict, steps, guidance, seed, batch, prompts
+    dm, scenes, strength: float, refinement: dict, steps, guidance, seed, batch, prompts, start
 ):
     """The scenes labelled through DiffuMask.label; scored against their exact masks:
     mIoU over background and the four shapes."""
@@ -879,6 +879,7 @@ def label_real_scenes(
         prompts=texts,
         seed=seed,
         strength=strength,
+        start=start,
         num_inference_steps=steps,
         guidance_scale=guidance,
         class_ids=sw.CLASS_IDS,
@@ -907,49 +908,56 @@ def real_scene_rows(dm, args) -> list[dict]:
     )
     width = max(20, *(len(m) + 12 for m in args.real_methods))  # room for "-no-colour"
     print(
-        f"{'objects':>7} {'method':<{width}}{'strength':>9}{'mIoU':>7}"
+        f"{'objects':>7} {'method':<{width}}{'strength':>9} {'start':<10}{'mIoU':>7}"
         + "".join(f"{n:>11}" for n in NAMES)
         + f"{'sec':>7}",
         flush=True,
     )
+    settings = [
+        (method, strength, start, colour)
+        for method in args.real_methods
+        for strength in args.real_strengths
+        for start in args.real_starts
+        for colour in ((True, False) if args.real_colour == "both" else (True,))
+    ]
     for objects in args.real_objects:
         scenes = real_scenes(args.real_scenes, objects, args.seed + 20)
-        for method in args.real_methods:
-            for strength in args.real_strengths:
-                for colour in (True, False) if args.real_colour == "both" else (True,):
-                    refinement = dict(
-                        method_variant(method, REAL_METHODS, "--real-methods"),
-                        **({} if colour else {"colour_steps": 0}),
-                    )
-                    name = method if colour else f"{method}-no-colour"
-                    r = label_real_scenes(
-                        dm,
-                        scenes,
-                        strength,
-                        refinement,
-                        args.steps,
-                        args.guidance,
-                        args.seed,
-                        args.batch,
-                        args.real_prompts,
-                    )
-                    rows.append(
-                        {
-                            "objects": objects,
-                            "method": name,
-                            "strength": strength,
-                            "prompts": args.real_prompts,
-                            **r,
-                        }
-                    )
-                    cells = "".join(f"{r['per_class'][n]:>11.3f}" for n in NAMES)
-                    print(
-                        f"{objects:>7} {name:<{width}}{strength:>9.2f}{r['miou']:>7.3f}{cells}"
-                        f"{r['seconds']:>7.1f}",
-                        flush=True,
-                    )
-                    if args.json is not None:
-                        args.json.write_text(json.dumps({"real_scenes": rows}, indent=2))
+        for method, strength, start, colour in settings:
+            refinement = dict(
+                method_variant(method, REAL_METHODS, "--real-methods"),
+                **({} if colour else {"colour_steps": 0}),
+            )
+            name = method if colour else f"{method}-no-colour"
+            r = label_real_scenes(
+                dm,
+                scenes,
+                strength,
+                refinement,
+                args.steps,
+                args.guidance,
+                args.seed,
+                args.batch,
+                args.real_prompts,
+                start,
+            )
+            rows.append(
+                {
+                    "objects": objects,
+                    "method": name,
+                    "strength": strength,
+                    "start": start,
+                    "prompts": args.real_prompts,
+                    **r,
+                }
+            )
+            cells = "".join(f"{r['per_class'][n]:>11.3f}" for n in NAMES)
+            print(
+                f"{objects:>7} {name:<{width}}{strength:>9.2f} {start:<10}{r['miou']:>7.3f}"
+                f"{cells}{r['seconds']:>7.1f}",
+                flush=True,
+            )
+            if args.json is not None:
+                args.json.write_text(json.dumps({"real_scenes": rows}, indent=2))
     return rows
 
 
@@ -973,7 +981,7 @@ def real_scenes_only(dm, args, began: float) -> dict:
     print(
         "real scenes: "
         + " ".join(
-            f"{k}_objects={r['miou']:.3f} ({r['method']} {r['strength']})"
+            f"{k}_objects={r['miou']:.3f} ({r['method']} {r['strength']} {r['start']})"
             for k, r in sorted(best.items())
         )
     )
@@ -1012,6 +1020,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--real-scenes", type=int, default=128, help="(d) scenes a row")
     parser.add_argument("--real-objects", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--real-strengths", type=float, nargs="+", default=[0.3])
+    parser.add_argument(
+        "--real-starts",
+        nargs="+",
+        choices=("inversion", "noise"),
+        default=["inversion"],
+        help="(d): where labelling's denoising starts (DiffuMask.label's start)",
+    )
     parser.add_argument(
         "--real-methods",
         nargs="+",

@@ -107,6 +107,15 @@ class UNetFamily:
             "output_type": "latent",
         }
 
+    def inversion_arguments(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """An image-to-image call's arguments for the inverse pass: the prompt alone (no
+        guidance: inversion with guidance drifts off the image)."""
+        return {**arguments, "guidance_scale": 1.0, "negative_prompt": None}
+
+    def unpacked(self, latents, height: int, width: int):
+        """Latents as the scheduler's noising sees them (FLUX.1 packs them after)."""
+        return latents
+
     def token_positions(
         self, prompt: str, classes: Sequence[str], synonyms: Mapping[str, Sequence[str]] | None
     ) -> dict[str, list[int]]:
@@ -262,6 +271,13 @@ class FluxFamily(SD3Family):
             **super().image_call_arguments(prompts, images, generators, settings),
             "true_cfg_scale": settings.get("true_cfg_scale", 1.0),
         }
+
+    def inversion_arguments(self, arguments):
+        # guidance is distilled into the model (an input, not a second pass): kept
+        return {**arguments, "true_cfg_scale": 1.0, "negative_prompt": None}
+
+    def unpacked(self, latents, height, width):
+        return self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
 
     def _class_positions(self, prompt, name, synonyms):
         return find_t5_class_tokens(

@@ -228,11 +228,15 @@ class DiffuMask:
         refinement: Refinement | Mapping[str, Any] | str | None = None,
         progress: bool = False,
         map_kind: str = "cross",
+        start: str | None = None,
     ) -> list[Sample]:
         """Samples for given images: each Sample's image is the given one (its own size,
         its pixels unchanged), its masks come from the model's attention while it denoises
         that image (noised to `strength` of the steps, the pipeline family's image-to-image
         route) and are cut by the same refinement as generation's, against its pixels.
+        start: where the denoising starts, "inversion" (the default: the noise the
+        image's own inversion implies, so the model denoises back into this image) or
+        "noise" (random noise, cheaper by the inverse pass); see `inversion`.
 
         images: paths, PIL images or uint8 arrays (or one of them).
         classes: names every image is labelled with (["dog", "cat"]), or one list per image.
@@ -243,6 +247,7 @@ class DiffuMask:
             to it. The masks are always at the image's own size.
         seed: base seed (image i's noise from sample_seed(seed, i)) or one seed per image;
             a sample never depends on its batch. See `label` (module) for the rest."""
+        from .inversion import DEFAULT_START
         from .label import DEFAULT_STRENGTH, image_list, label_batches
 
         images = image_list(images)
@@ -265,6 +270,7 @@ class DiffuMask:
             synonyms,
             refinement,
             map_kind,
+            DEFAULT_START if start is None else start,
         )
         return _collect(jobs, len(images), progress, "labelling")
 

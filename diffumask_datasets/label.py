@@ -16,6 +16,7 @@ Used through `DiffuMask.label` (and `label_batches` for batch-wise consumers).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,14 @@ import numpy as np
 from PIL import Image
 
 from .errors import DiffuMaskError, one_line
+from .inversion import (
+    DEFAULT_START,
+    check_start,
+    clean_latents,
+    found_noise,
+    given_noise,
+    turned_round,
+)
 from .sample import Sample
 
 # The noise level images are labelled at by default, as a share of the steps: on the shapes
@@ -183,6 +192,7 @@ def label_batches(
     synonyms: Mapping[str, Sequence[str]] | None = None,
     refinement: Any = None,
     map_kind: str = "cross",
+    start: str = DEFAULT_START,
 ) -> Iterator[Callable[[], list[Sample]]]:
     """What `DiffuMask.label` makes, batch by batch (as `DiffuMask.batches` does for
     generation), from its checked numbers (seeds, steps, batch size). Everything else,
@@ -194,6 +204,7 @@ def label_batches(
     class_lists = _class_lists(classes, len(images))
     prompt_list = _prompt_list(prompts, class_lists)
     strength = _check_strength(strength, steps)
+    start = check_start(start)
     loaded = [read_image(image, f"image {i}") for i, image in enumerate(images)]
     plan = dm.plan_batches(
         prompt_list, class_lists, steps, guidance_scale, class_ids, synonyms, refinement, map_kind
@@ -203,6 +214,7 @@ def label_batches(
         "negative_prompt": negative_prompt,
         "strength": strength,
         "route": ROUTE,
+        "start": start,
     }
     if resolution is not None:
         settings["resolution"] = resolution
@@ -230,9 +242,15 @@ def label_batches(
         arguments = dm.family.image_call_arguments(
             prompt_list[run], inputs, generators, batch_settings
         )
+        noise = None
+        if start == "inversion":
+            arguments["image"] = clean_latents(image_pipe, inputs, *denoised)
+            noise = inverted_noise(dm, image_pipe, arguments, seeds[run], batch_settings)
 
-        def denoise(arguments=arguments, given=given):
-            image_pipe(**arguments)  # output_type "latent": nothing decoded
+        def denoise(arguments=arguments, given=given, noise=noise):
+            noising = nullcontext() if noise is None else given_noise(image_pipe.scheduler, noise)
+            with noising:
+                image_pipe(**arguments)  # output_type "latent": nothing decoded
             return given
 
         maps = dm._traced(
@@ -246,6 +264,24 @@ def label_batches(
         )
         done = dm._refine_later(maps, plan.params)
         yield _with_sources(done, [source for _, source in batch])
+
+
+def inverted_noise(dm, image_pipe, arguments: dict, seeds: list[int], settings: dict):
+    """The inverse pass of one batch (outside any capture): the noise that takes each
+    image's latent (given as the call's image) to where its inversion ends."""
+    import torch
+
+    record: dict = {}
+    inverse = {
+        **dm.family.inversion_arguments(arguments),
+        "generator": [torch.Generator().manual_seed(s) for s in seeds],
+    }
+    with turned_round(image_pipe, settings["num_inference_steps"], settings["strength"], record):
+        image_pipe(**inverse)
+    height, width = settings["denoised_size"]
+    return found_noise(
+        record, image_pipe.scheduler, lambda latents: dm.family.unpacked(latents, height, width)
+    )
 
 
 def _with_sources(done: Callable[[], list[Sample]], sources: list[str | None]):

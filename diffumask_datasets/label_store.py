@@ -22,6 +22,7 @@ from typing import Any
 
 from diffumask_datasets.definitions import Definition, load_definition
 from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.inversion import DEFAULT_START
 from diffumask_datasets.store import Record, Store, make_manifest, open_store, start_run
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -37,6 +38,7 @@ class LabelConfig:
     definition: str | None = None  # whose ids the classes take (None: 1..N) and refinement
     prompt: str | None = None  # one prompt for every image; None: made from the classes
     strength: float | None = None  # None: label.DEFAULT_STRENGTH
+    start: str = DEFAULT_START  # where denoising starts: "inversion" or "noise"
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     resolution: int | None = None  # longer side the model denoises at; None: own size
@@ -160,6 +162,7 @@ def _longest_side(images: list[Path]) -> int:
 def _check_before_writing(engine, config: LabelConfig, definition: Definition) -> None:
     """What would fail the first shard fails before the store is made: the prompt must
     name every class, the strength must run a step, the refinement must parse."""
+    from diffumask_datasets.inversion import check_start
     from diffumask_datasets.label import DEFAULT_STRENGTH, _check_strength, label_prompt
     from diffumask_datasets.refine import Refinement
 
@@ -169,6 +172,7 @@ def _check_before_writing(engine, config: LabelConfig, definition: Definition) -
     engine.family.token_positions(prompt, classes, synonyms)
     strength = DEFAULT_STRENGTH if config.strength is None else config.strength
     _check_strength(strength, config.num_inference_steps)
+    check_start(config.start)
     Refinement.from_any(config.refinement)
 
 
@@ -228,6 +232,7 @@ def label_dataset(
                     prompts=config.prompt,
                     seed=[sample_seed(config.seed, i) for i in indices],
                     strength=config.strength,
+                    start=config.start,
                     num_inference_steps=config.num_inference_steps,
                     guidance_scale=config.guidance_scale,
                     resolution=config.resolution,

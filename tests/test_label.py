@@ -10,7 +10,9 @@ from diffumask_datasets.errors import DiffuMaskError
 from diffumask_datasets.generate import sample_seed
 from diffumask_datasets.label import label_prompt, working_size
 
-SMALL = {"num_inference_steps": 4, "strength": 0.5}
+# adaptive: its scores are the cross-attention itself, which a random model varies (the
+# default's walk through a random model's uniform attention is flat: zero scores)
+SMALL = {"num_inference_steps": 4, "strength": 0.5, "refinement": "adaptive"}
 
 
 def noise_image(seed: int, height: int = 37, width: int = 50) -> Image.Image:
@@ -44,10 +46,13 @@ def test_masks_follow_the_given_image_and_the_seed(tiny):
     a, b = noise_image(0, 32, 32), noise_image(1, 32, 32)
     first = tiny.label([a, b], classes=["bird"], seed=0, **SMALL)
     again = tiny.label([a, b], classes=["bird"], seed=0, **SMALL)
-    other_seed = tiny.label([a], classes=["bird"], seed=1, **SMALL)[0]
     np.testing.assert_array_equal(first[0].attention["bird"], again[0].attention["bird"])
     assert np.abs(first[0].attention["bird"] - first[1].attention["bird"]).max() > 1e-3
-    assert np.abs(first[0].attention["bird"] - other_seed.attention["bird"]).max() > 1e-4
+    # from random noise the seed matters (from the inversion nothing random is left)
+    seed_0, seed_1 = (
+        tiny.label([a], classes=["bird"], seed=s, start="noise", **SMALL)[0] for s in (0, 1)
+    )
+    assert np.abs(seed_0.attention["bird"] - seed_1.attention["bird"]).max() > 1e-4
 
 
 def test_a_labelled_sample_does_not_depend_on_its_batch(tiny, one_thread):

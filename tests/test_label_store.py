@@ -51,6 +51,7 @@ def test_a_voc_folder_is_labelled_into_a_store(labelled, voc):
         assert record.image.tobytes() == Image.open(path).convert("RGB").tobytes()
         assert record.mask.shape == (64, 64)
         assert record.meta["route"] == "image-to-image"
+        assert record.meta["start"] == "inversion"  # the default
         # the definition's refinement, as generate takes it
         expected = load_definition("shapes").defaults["refinement"]["method"]
         assert record.meta["refinement"]["method"] == expected
@@ -73,6 +74,11 @@ def test_resume_keeps_the_store_and_other_settings_are_refused(labelled, voc, mo
     )
     with pytest.raises(DiffuMaskError, match="different settings"):
         label_dataset(voc, labelled, other, resume=True, progress=False, engine=engine)
+    noised = LabelConfig(
+        model="builtin:shapes", classes=SHAPES, definition="shapes", start="noise", **FAST
+    )
+    with pytest.raises(DiffuMaskError, match="different settings"):
+        label_dataset(voc, labelled, noised, resume=True, progress=False, engine=engine)
 
 
 def test_labelled_masks_scored_against_the_voc_labels(labelled, voc):
@@ -171,6 +177,9 @@ def test_label_and_score_from_the_command_line(voc, tmp_path):
     assert again.exit_code == 1 and "--resume" in again.output  # nothing overwritten
     assert invoke("label", voc, *flags, "--guidance", "4", "--out", out, "--resume").exit_code == 0
     assert open_store(out).class_names == {0: "background", 1: "circle", 2: "square"}
+    noised = invoke("label", voc, *flags, "--start", "noise", "--out", tmp_path / "noised")
+    assert noised.exit_code == 0, noised.output
+    assert {r.meta["start"] for r in open_store(tmp_path / "noised").records()} == {"noise"}
     exported = invoke("export", out, "--format", "voc", "--to", tmp_path / "voc-out")
     assert exported.exit_code == 0, exported.output
     coco = invoke("export", out, "--format", "coco", "--to", tmp_path / "coco-out")
@@ -208,3 +217,7 @@ def test_command_line_bad_input_is_one_line(voc, tmp_path):
         "label", voc, "--classes", "dog", "--model", "x", "--strength", "2", "--out", tmp_path / "p"
     )
     assert strength.exit_code == 2 and "outside (0, 1]" in strength.output
+    start = invoke(
+        "label", voc, "--classes", "dog", "--model", "x", "--start", "back", "--out", tmp_path / "q"
+    )
+    assert start.exit_code == 2 and "'back' is not one of 'inversion', 'noise'" in start.output

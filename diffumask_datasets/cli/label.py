@@ -22,8 +22,9 @@ Examples (the shapes world, offline):
   {PROG} label annotations.json --classes dog,cat --model ... --out out/coco  # COCO
 
 IMAGES is a folder of images, a VOC folder (its JPEGImages/) or a COCO json (its
-"images"). Each image is noised to --strength, denoised with its prompt (--prompt, or
-"a photo of a dog and a cat" from --classes) and its masks cut from the model's
+"images"). Each image is inverted to --strength (the model run backwards from the
+image; --start noise: random noise instead, cheaper), denoised with its prompt (--prompt,
+or "a photo of a dog and a cat" from --classes) and its masks cut from the model's
 attention at the image's own size; the stored image is the given one, pixel for pixel.
 The folder is a dataset like `generate` writes: info, export, filter, app take it.
 """
@@ -65,13 +66,20 @@ def _check_strength(ctx: click.Context, param: click.Parameter, value: float | N
 @click.option(
     "--strength", type=float, callback=_check_strength, help="Noise level in (0, 1]; default 0.3."
 )
+@click.option(
+    "--start",
+    type=click.Choice(["inversion", "noise"]),
+    default="inversion",
+    show_default=True,
+    help="Where denoising starts: the image's inversion, or random noise.",
+)
 @click.option("--steps", type=int, default=50, show_default=True, callback=at_least_one(50))
 @click.option("--guidance", type=float, default=7.5, show_default=True)
 @click.option("--resolution", type=int, callback=at_least_one(512), help="Denoise at this side.")
 @click.option(
     "--refinement",
     callback=_check_refinement,
-    help="threshold | adaptive | affinity, or JSON parameters.",
+    help="threshold | adaptive | affinity | separate, or JSON parameters.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True, callback=at_least_one(4))
@@ -89,6 +97,7 @@ def label(images: Path, out: Path, resume: bool, refinement: Any, **options: Any
         definition=options["definition"],
         prompt=options["prompt"],
         strength=options["strength"],
+        start=options["start"],
         num_inference_steps=options["steps"],
         guidance_scale=options["guidance"],
         resolution=options["resolution"],

@@ -51,6 +51,7 @@ class DiffuMaskModel(fom.Model):
         prompt: str | None = None,
         seed: int = 0,
         strength: float | None = None,
+        start: str | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         resolution: int | None = None,
@@ -68,6 +69,7 @@ class DiffuMaskModel(fom.Model):
         self.settings = {
             "prompts": prompt,
             "strength": strength,
+            "start": start,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
             "resolution": resolution,

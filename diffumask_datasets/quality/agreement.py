@@ -97,6 +97,10 @@ def relabelled_masks(
                 prompts=[r.prompt for r in batch],
                 seed=[r.seed for r in batch],
                 strength=strength,
+                # random noise, not inversion: inverting a generated image walks back to
+                # (nearly) its own trajectory, so the re-labelling would repeat the mask,
+                # bad or good; a fresh draw is a second opinion
+                start="noise",
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 class_ids=class_ids,
