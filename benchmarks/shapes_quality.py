@@ -867,10 +867,10 @@ def real_scene_prompts(scenes, prompts: str) -> tuple[list[list[str]], list[str]
 
 
 def label_real_scenes(
-    dm, scenes, strength: float, refinement: dict, steps, guidance, seed, batch, prompts, start
+    dm, scenes, strength: float, refinement: dict, steps, guidance, seed, batch, prompts, begin
 ):
-    """The scenes labelled through DiffuMask.label; scored against their exact masks:
-    mIoU over background and the four shapes."""
+    """The scenes labelled through DiffuMask.label from `begin` (its start); scored against
+    their exact masks: mIoU over background and the four shapes."""
     start = time.time()
     classes, texts = real_scene_prompts(scenes, prompts)
     samples = dm.label(
@@ -879,7 +879,7 @@ def label_real_scenes(
         prompts=texts,
         seed=seed,
         strength=strength,
-        start=start,
+        start=begin,
         num_inference_steps=steps,
         guidance_scale=guidance,
         class_ids=sw.CLASS_IDS,
