@@ -59,10 +59,15 @@ def clean_latents(image_pipe, images, height: int, width: int) -> torch.Tensor:
     return (mean - shift) * vae.config.scaling_factor
 
 
+def _is_flow(scheduler) -> bool:
+    """A flow-matching scheduler (SD3, FLUX.1): no noise schedule of alphas."""
+    return getattr(scheduler, "alphas_cumprod", None) is None
+
+
 def _levels(scheduler) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(signal, noise) coefficients of a timestep, x_t = signal * x_0 + noise * eps, in the
     variance-preserving form the UNet families' models see, or rectified flow's."""
-    if getattr(scheduler, "alphas_cumprod", None) is not None:
+    if not _is_flow(scheduler):
         alphas = scheduler.alphas_cumprod
 
         def vp(t):
@@ -87,7 +92,7 @@ def _levels(scheduler) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Ten
 
 def _as_noise(scheduler, output: torch.Tensor, latents: torch.Tensor, t) -> torch.Tensor:
     """The model's output as the noise it predicts (VP schedulers) or as-is (flow)."""
-    if not hasattr(scheduler, "alphas_cumprod") or scheduler.alphas_cumprod is None:
+    if _is_flow(scheduler):
         return output  # a velocity: the flow step uses it as it is
     kind = getattr(scheduler.config, "prediction_type", "epsilon")
     if kind == "epsilon":
@@ -130,10 +135,10 @@ def turned_round(image_pipe, steps: int, strength: float, record: dict) -> Itera
     ascending order with inverse steps, and leaves the last latents in record["ended"]."""
     scheduler = image_pipe.scheduler
     levels = _levels(scheduler)
-    flow = getattr(scheduler, "alphas_cumprod", None) is None
+    flow = _is_flow(scheduler)
     real_set_timesteps = type(scheduler).set_timesteps.__get__(scheduler)
     one = torch.tensor(1.0, dtype=torch.float64)
-    state = {"level": (one, one * 0)}  # clean: all signal, no noise
+    state = {"level": (one, torch.zeros_like(one))}  # clean: all signal, no noise
 
     @functools.wraps(real_set_timesteps)  # pipelines read its signature (sigmas=, mu=)
     def set_timesteps(*args, **kwargs):
@@ -179,8 +184,7 @@ def found_noise(record: dict, scheduler, unpack: Callable) -> torch.Tensor:
 def given_noise(scheduler, noise: torch.Tensor) -> Iterator[None]:
     """The image-to-image pipeline's next call noises its latents with `noise` instead of
     its random draw."""
-    flow = getattr(scheduler, "alphas_cumprod", None) is None
-    if flow:
+    if _is_flow(scheduler):
         real = type(scheduler).scale_noise.__get__(scheduler)
 
         def scale_noise(sample, timestep, _drawn=None, *args, **kwargs):
