@@ -421,6 +421,9 @@ MULTI_METHODS: dict[str, dict] = {
     "separate-band": {"method": "separate", "affinity_factor": 1},
     "api-adaptive": {"method": "adaptive"},
     "api-separate": {"method": "separate"},
+    # adaptive as the paper names the classes: from every resolution's maps
+    "adaptive-all": {**METHODS["adaptive"], "classes_from": "all"},
+    "api-adaptive-all": {"method": "adaptive", "classes_from": "all"},
 }
 MULTI_DEFAULT = ("affinity", "adaptive", "separate")
 
@@ -840,6 +843,12 @@ REAL_METHODS: dict[str, dict] = {
     "affinity": {"method": "affinity", "band": 0.0, "affinity_factor": 1},
     "adaptive": {"method": "adaptive", "band": 0.0, "affinity_factor": 1},
     "separate": {"method": "separate", "band": 0.0, "affinity_factor": 1},
+    "adaptive-all": {
+        "method": "adaptive",
+        "band": 0.0,
+        "affinity_factor": 1,
+        "classes_from": "all",
+    },
 }
 
 

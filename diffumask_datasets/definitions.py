@@ -15,7 +15,7 @@ defaults:                          # optional: generation settings when the call
   num_inference_steps: 50
   guidance_scale: 7.5
   resolution: 512                  # square images, pixels
-  refinement: separate             # threshold | adaptive | affinity | separate, or parameters
+  refinement: adaptive             # threshold | adaptive | affinity | separate, or parameters
   shard_size: 64                   # samples per stored shard
   two_classes: 0.0                 # fraction of images that show a second class
 prompts:

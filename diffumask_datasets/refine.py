@@ -49,6 +49,7 @@ from .errors import DiffuMaskError
 from .sample import IGNORE
 
 METHODS = ("threshold", "adaptive", "affinity", "separate")
+CLASSES_FROM = ("coarsest", "all")
 Size = tuple[int, int]
 
 
@@ -72,9 +73,14 @@ class Refinement:
     cross_blocks / affinity_blocks: MMDiT models (SD3, SD3.5, FLUX.1) only: the blocks whose
         attention makes the class maps and the affinity (see CaptureOptions); None: the
         model's defaults.
+    classes_from: which cross-attention maps name each foreground pixel's class, for
+        "adaptive" and "separate": "coarsest" (the coarsest captured resolution's, which
+        tell several objects apart on the shapes model) or "all" (every resolution's
+        average, the paper's). "threshold" and "affinity" name from all maps and the
+        walk, as ever.
     """
 
-    method: str = "separate"
+    method: str = "adaptive"
     threshold: float = 0.5
     gammas: tuple[float, float, float] = (0.35, 0.54, 0.01)
     affinity_power: int = 4
@@ -87,11 +93,17 @@ class Refinement:
     affinity_steps: tuple[int, int] | None = None
     cross_blocks: tuple[int, ...] | None = None
     affinity_blocks: tuple[int, ...] | None = None
+    classes_from: str = "coarsest"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise DiffuMaskError(
                 f"refinement method {self.method!r} is unknown; use one of {', '.join(METHODS)}"
+            )
+        if self.classes_from not in CLASSES_FROM:
+            raise DiffuMaskError(
+                f"refinement classes_from={self.classes_from!r} is unknown; use "
+                "'coarsest' (the coarsest cross-attention maps name the classes) or 'all'"
             )
         for name in ("threshold", "band", "min_area"):
             value = getattr(self, name)
@@ -773,13 +785,13 @@ def cut_masks(
     if params.method == "affinity":
         levels = [params.threshold] * len(ids)
         return _cut(propagated, classes, ids, levels, params, chains, unsmoothed)
-    if params.method == "separate":
-        coarsest = min(cross, key=lambda s: s[0] * s[1])
-        names = aggregate({coarsest: cross[coarsest]}, size)
+    if params.method == "separate" or params.classes_from == "coarsest":
+        names = class_names_maps(cross, size, params.classes_from)
         for chain in chains:
-            chain.append({"step": "classes", "from": "cross", "size": list(coarsest)})
-        scores = separate_scores(propagated, smooth(names))
-        evidence = separate_scores(unsmoothed, names)
+            chain.append({"step": "classes", "from": "cross", "sizes": names.sizes})
+    if params.method == "separate":
+        scores = separate_scores(propagated, smooth(names.maps))
+        evidence = separate_scores(unsmoothed, names.maps)
         levels = [params.threshold] * len(ids)
         return _cut(scores, classes, ids, levels, params, chains, evidence)
     raw = aggregate(cross, size)
@@ -788,6 +800,12 @@ def cut_masks(
     # with one id are one class, as in the id mask)
     classes_as_labels = [[i.index(c) + 1 for c in i] for i in ids]
     labels = _ids(_padded(classes_as_labels, scores.shape[1]), device)
+    if params.classes_from == "coarsest":
+        # the foreground as the paper cuts it, its pixels named by the coarsest maps;
+        # the reference the level is chosen against is named the same way (separate's)
+        named = smooth(names.maps)
+        scores, raw = separate_scores(scores, named), separate_scores(raw, names.maps)
+        propagated = separate_scores(propagated, named)
     reference = label(propagated, labels, params.threshold)
     levels, agreements = adaptive_threshold(
         scores, labels, reference, gamma_sweep(*params.gammas), classes_as_labels
@@ -803,6 +821,23 @@ def cut_masks(
             }
         )
     return _cut(scores, classes, ids, levels, params, chains, raw)
+
+
+@dataclass(frozen=True)
+class ClassNames:
+    maps: torch.Tensor  # [images, classes, H, W]: the maps that name the classes
+    sizes: list[list[int]]  # the resolutions they came from
+
+
+def class_names_maps(
+    cross: Mapping[Size, torch.Tensor], size: Size, classes_from: str
+) -> ClassNames:
+    """The maps that name each pixel's class: the coarsest resolution's ("coarsest"), or
+    every resolution's aggregated ("all"), at `size`."""
+    chosen = [min(cross, key=lambda s: s[0] * s[1])] if classes_from == "coarsest" else list(cross)
+    return ClassNames(
+        aggregate({s: cross[s] for s in chosen}, size), [list(s) for s in sorted(chosen)]
+    )
 
 
 def _colour_step(images: Array | None, size: Size, steps: int, device):

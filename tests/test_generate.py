@@ -28,7 +28,8 @@ def test_contract_of_a_sample(tiny):
     assert s.meta["model"] == "builtin:tiny-random"
     assert s.meta["num_inference_steps"] == 3
     assert s.meta["class_ids"] == {"dog": 2, "cat": 3}
-    assert s.meta["refinement"]["method"] == "separate"
+    assert s.meta["refinement"]["method"] == "adaptive"
+    assert s.meta["refinement"]["params"]["classes_from"] == "coarsest"
     assert s.meta["refinement"]["chain"][-1]["step"] == "cleanup"
     assert "colour" in [step["step"] for step in s.meta["refinement"]["chain"]]
 
@@ -36,12 +37,9 @@ def test_contract_of_a_sample(tiny):
 def test_the_engine_hands_its_images_to_the_colour_step(tiny):
     """The masks follow the generated pixels only where the colour step runs: turned off,
     the same seed gives the same image and other scores, with no colour step recorded."""
-    # adaptive: its scores are the cross-attention, which a random model varies (the
-    # default's walk through a random model's uniform attention leaves nothing to smooth)
-    adaptive = {"method": "adaptive"}
-    on = tiny(PROMPTS[:1], classes=CLASSES[:1], seed=5, refinement=adaptive, **SMALL)[0]
-    off = {**adaptive, "colour_steps": 0}
-    off = tiny(PROMPTS[:1], classes=CLASSES[:1], seed=5, refinement=off, **SMALL)[0]
+    on = tiny(PROMPTS[:1], classes=CLASSES[:1], seed=5, **SMALL)[0]
+    off = tiny(PROMPTS[:1], classes=CLASSES[:1], seed=5, refinement={"colour_steps": 0}, **SMALL)
+    off = off[0]
     np.testing.assert_array_equal(np.asarray(on.image), np.asarray(off.image))
     assert "colour" not in [step["step"] for step in off.meta["refinement"]["chain"]]
     assert off.meta["refinement"]["params"]["colour_steps"] == 0

@@ -284,13 +284,6 @@ def test_diffumask_end_to_end_and_independent_of_the_batch(model):
     dm = DiffuMask(model)
     small = {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 5}
     classes = [["aeroplane"], ["dog"]]
-    by_default = [dm(PROMPTS, classes=classes, batch_size=b, **small) for b in (2, 1)]
-    for a, b in zip(*by_default, strict=True):
-        assert (a.mask == b.mask).mean() >= 0.99
-    # adaptive for the scores: they are the cross-attention itself; the default's walk
-    # through a random model's near-uniform attention leaves maps level to 1e-4 of their
-    # peak, whose stretch magnifies the batch's rounding (trained models' span 1e-2)
-    small["refinement"] = "adaptive"
     together = dm(PROMPTS, classes=classes, batch_size=2, **small)
     one_by_one = dm(PROMPTS, classes=classes, batch_size=1, **small)
     for a, b in zip(together, one_by_one, strict=True):
@@ -400,7 +393,6 @@ def test_concept_maps_leave_the_image_and_are_a_softmax_over_the_concepts():
 def test_concept_maps_through_diffumask_are_recorded_and_batch_independent():
     dm = DiffuMask("builtin:tiny-random-flux")
     small = {"num_inference_steps": 2, "height": 64, "width": 64, "map_kind": "concept"}
-    small["refinement"] = "adaptive"  # scores: the maps themselves (see the test above)
     classes = [["aeroplane"], ["dog"]]
     together = dm(PROMPTS, classes=classes, batch_size=2, **small)
     alone = dm(PROMPTS, classes=classes, batch_size=1, **small)

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -345,6 +346,53 @@ def test_separate_keeps_each_object_its_own_class(seed):
     assert len(set(np.unique(masks["affinity"][circle | star])) - {0}) == 1
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adaptive_names_each_object_from_the_coarsest_maps(seed):
+    """adaptive's default (classes_from="coarsest") names each object by the coarsest
+    maps; named from every resolution's average, finer maps that attend to the other
+    object (here: swapped, the coarsest attending to the other at half strength) take
+    pixels of one object for the other."""
+    maps, affinity, image, circle, star = two_objects_that_attend_to_each_other(seed)
+    rng = np.random.default_rng(seed)
+    maps["circle"] = {
+        (32, 32): attention_field(star, rng, 32),
+        (8, 8): attention_field(circle + 0.5 * star, rng, 8),
+    }
+    maps["star"] = {
+        (32, 32): attention_field(circle, rng, 32),
+        (8, 8): attention_field(star + 0.5 * circle, rng, 8),
+    }
+    ids = {"circle": 1, "star": 4}
+
+    def mask(classes_from):
+        params = Refinement("adaptive", band=0.0, min_area=0.01, classes_from=classes_from)
+        out = refine(maps, ids, SIZE, params, affinity, (16, 16), image=image)
+        return out.mask, out.chain
+
+    coarsest, chain = mask("coarsest")
+    every, every_chain = mask("all")
+    assert iou(coarsest == 1, circle) >= 0.9 and iou(coarsest == 4, star) >= 0.9
+    assert min(iou(every == 1, circle), iou(every == 4, star)) < 0.9
+    assert {"step": "classes", "from": "cross", "sizes": [[8, 8]]} in chain
+    assert not any(step["step"] == "classes" for step in every_chain)
+
+
+def test_classes_from_one_class_changes_nothing_and_a_bad_value_is_named():
+    rng = np.random.default_rng(0)
+    bird = disc((30, 28), 12)
+    maps = {"bird": multires(bird, rng)}
+    affinity = affinity_from_regions(bird.astype(int), 16, rng)
+    masks = [
+        refine(
+            maps, {"bird": 1}, SIZE, Refinement("adaptive", classes_from=c), affinity, (16, 16)
+        ).mask
+        for c in ("coarsest", "all")
+    ]
+    np.testing.assert_array_equal(*masks)
+    with pytest.raises(DiffuMaskError, match=r"classes_from='finest' is unknown; use 'coarsest'"):
+        Refinement(classes_from="finest")
+
+
 def test_separate_with_one_class_is_affinity():
     rng = np.random.default_rng(0)
     bird = disc((30, 28), 12)
@@ -357,7 +405,7 @@ def test_separate_with_one_class_is_affinity():
     }
     np.testing.assert_array_equal(out["separate"].mask, out["affinity"].mask)
     assert out["separate"].quality == pytest.approx(out["affinity"].quality, abs=1e-6)
-    assert {"step": "classes", "from": "cross", "size": [16, 16]} in out["separate"].chain
+    assert {"step": "classes", "from": "cross", "sizes": [[16, 16]]} in out["separate"].chain
 
 
 # -- the torch refinement against the numpy one it replaced ---------------------------------
@@ -400,7 +448,8 @@ def test_masks_equal_the_numpy_refinement():
     for case, maps, affinity, golden, ids in golden_cases():
         name, size = case["name"], tuple(case["size"])
         for run in case["runs"]:
-            params = Refinement.from_any(run["params"])
+            # the numpy code named the classes from every resolution (classes_from="all")
+            params = replace(Refinement.from_any(run["params"]), classes_from="all")
             out = refine(maps, ids, size, params, affinity, tuple(case["affinity_size"]))
             where = f"{name}/{run['key']}"
             if (

@@ -162,7 +162,8 @@ def test_the_fingerprint_reads_the_refinements_resolved_parameters():
     ways."""
     definition = load_definition("voc")
     default = config(refinement=None).fingerprint(definition)
-    assert config(refinement="separate").fingerprint(definition) == default
+    assert config(refinement="adaptive").fingerprint(definition) == default
+    assert config(refinement={"classes_from": "all"}).fingerprint(definition) != default
     assert config(refinement={"colour_steps": 10}).fingerprint(definition) == default
     assert config(refinement={"colour_steps": 0}).fingerprint(definition) != default
 
