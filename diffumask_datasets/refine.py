@@ -825,6 +825,8 @@ def cut_masks(
 
 @dataclass(frozen=True)
 class ClassNames:
+    """The maps that name each pixel's class, and the resolutions they came from."""
+
     maps: torch.Tensor  # [images, classes, H, W]: the maps that name the classes
     sizes: list[list[int]]  # the resolutions they came from
 
