@@ -1,11 +1,13 @@
 """Masks for given images: the engine's capture and refinement on images it did not draw.
 
-Each image is noised to `strength` and denoised with its prompt by the pipeline's own
-image-to-image route (diffusers' img2img pipeline of the model's family, built from the
-loaded pipeline's components), under the same capture as generation. The masks are cut
-by the same refinement, at the image's own size and against its own pixels; the Sample's
-image is the given one, unchanged. Only the denoising runs: the image-to-image output is
-never decoded, so labelling an image costs its encoding plus `strength` of the steps.
+Each image is taken to the noise level `strength` (by its inversion, `inversion`, or by
+random noise) and denoised with its prompt by the pipeline's own image-to-image route
+(diffusers' img2img pipeline of the model's family, built from the loaded pipeline's
+components), under the same capture as generation. The masks are cut by the same
+refinement, at the image's own size and against its own pixels; the Sample's image is the
+given one, unchanged. The image-to-image output is never decoded, so labelling an image
+costs its encoding plus `strength` of the steps (twice from the inversion: the inverse
+pass runs them too, without guidance).
 
     dm = DiffuMask("builtin:shapes")
     samples = dm.label(["scene.png"], classes=["circle", "square"], num_inference_steps=20)
