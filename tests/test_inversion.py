@@ -1,5 +1,7 @@
 """Labelling from the image's inversion (DiffuMask.label(start="inversion"))."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,13 @@ from PIL import Image
 
 from diffumask_datasets import DiffuMask
 from diffumask_datasets.errors import DiffuMaskError
-from diffumask_datasets.inversion import _levels, clean_latents, given_noise, inverse_step
+from diffumask_datasets.inversion import (
+    _as_noise,
+    _levels,
+    clean_latents,
+    given_noise,
+    inverse_step,
+)
 
 SMALL = {"num_inference_steps": 4, "strength": 0.5}
 
@@ -136,3 +144,19 @@ def test_a_bad_start_or_scheduler_is_one_line_naming_it(tiny):
 
     with pytest.raises(DiffuMaskError, match=r"Neither is neither .* start='noise'"):
         _levels(Neither())
+
+    class Predicting:
+        alphas_cumprod = torch.linspace(0.99, 0.01, 1000)
+
+        def __init__(self, kind):
+            self.config = SimpleNamespace(prediction_type=kind)
+
+    x, out = torch.full((1, 4), 2.0), torch.full((1, 4), 3.0)
+    a = Predicting.alphas_cumprod[500].double()
+    torch.testing.assert_close(_as_noise(Predicting("epsilon"), out, x, 500), out)
+    # v = sqrt(a) eps - sqrt(1 - a) x0 and x = sqrt(a) x0 + sqrt(1 - a) eps give
+    # eps = sqrt(a) v + sqrt(1 - a) x
+    expected = (a.sqrt() * 3.0 + (1 - a).sqrt() * 2.0).float()
+    torch.testing.assert_close(_as_noise(Predicting("v_prediction"), out, x, 500)[0, 0], expected)
+    with pytest.raises(DiffuMaskError, match=r"a model predicting 'sample' cannot be inverted"):
+        _as_noise(Predicting("sample"), out, x, 500)
