@@ -262,8 +262,9 @@ def normalise_minmax(maps: Array) -> torch.Tensor:
     A nearly flat map is stretched only as far as a range of FLAT of its peak would be:
     a walk through an affinity that attends everywhere alike (a random model's) leaves
     maps level to 1e-7..1e-4 of their peak, and stretching that to [0, 1] would cut masks
-    out of the kernels' rounding, which changes with the batch. Trained models' walked
-    maps span 0.4% to 5% of their peak (shapes models), unaffected."""
+    out of the kernels' rounding, which changes with the batch. The shapes model's walked
+    maps mostly span 0.4% to 5% of their peak; the flatter ones (some given images') cut
+    that way had taken pixels from the object's class (BENCHMARKS.md, labelling)."""
     maps = as_tensor(maps)
     low = maps.amin(dim=(-2, -1), keepdim=True)
     high = maps.amax(dim=(-2, -1), keepdim=True)
