@@ -465,6 +465,13 @@ class Run:
 
     def resume(self, ckpt: dict) -> None:
         """Go on from a checkpoint of this run (its own part is the loop's to load)."""
+        if ckpt["step"] > self.args.max_steps:
+            # --max-steps is not read back from the run: left out, it is the script's default
+            sys.exit(
+                f"--resume: {self.work / 'ckpt.pt'} is at step {ckpt['step']}, past "
+                f"--max-steps {self.args.max_steps}; pass the run's --max-steps (and "
+                "--cooldown-steps) or larger ones to train on, or --export-only to export it"
+            )
         self.step, self.seconds, self.best = ckpt["step"], ckpt["seconds"], ckpt["best"]
         self.sessions, self.lineage = ckpt.get("sessions", []), ckpt.get("init_from")
         self.log({"stage": "resume", "step": self.step, "seconds": self.seconds})

@@ -5,6 +5,7 @@ from an export."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -52,6 +53,14 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(finished, tmp_path):
     assert len(resumed["sessions"]) == 3
     with pytest.raises(SystemExit, match="pass --resume"):
         train_shapes_mmdit.main(["--work", str(tmp_path), "--max-steps", "4", *TINY])
+
+
+def test_resuming_past_max_steps_names_the_step_and_the_fix(finished, tmp_path):
+    # --max-steps is not read back from the run: left out, the default would end it at once
+    shutil.copy(finished / "ckpt.pt", tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match="at step 4, past --max-steps 2; pass the run's"):
+        train_shapes_mmdit.main(["--work", str(tmp_path), "--max-steps", "2", *TINY, "--resume"])
+    assert weights(tmp_path)["step"] == 4 and len(weights(tmp_path)["sessions"]) == 1
 
 
 def test_the_probe_reads_the_engines_capture(finished):
