@@ -551,8 +551,9 @@ def capture_groups(methods: dict[str, dict]) -> list[tuple[dict, list[str]]]:
     )
     groups: dict[tuple, tuple[dict, list[str]]] = {}
     for name, refinement in methods.items():
-        params = Refinement.from_any(refinement)
-        key = tuple(getattr(params, k) for k in keys[:3]) + (
+        params, map_kind = without_map_kind(refinement)
+        params = Refinement.from_any(params)
+        key = (map_kind, *(getattr(params, k) for k in keys[:3])) + (
             tuple(getattr(params, k) for k in keys[3:]) if params.needs_affinity else (None,)
         )
         groups.setdefault(key, (refinement, []))[1].append(name)
@@ -570,6 +571,7 @@ def refined_rows(dm, prompts, classes, methods, steps, guidance, seed, batch):
     for capture, names in capture_groups(methods):
         start = time.time()
         group_images = []
+        capture, map_kind = without_map_kind(capture)
         batches = dm.captures(
             prompts,
             classes=classes,
@@ -579,13 +581,15 @@ def refined_rows(dm, prompts, classes, methods, steps, guidance, seed, batch):
             class_ids=sw.CLASS_IDS,
             refinement=capture,
             batch_size=batch,
+            map_kind=map_kind,
         )
         for maps in batches:
             capture_seconds += time.time() - start
             group_images += maps.images
             for name in names:
                 start = time.time()
-                masks[name] += [s.mask for s in dm.refine_captured(maps, methods[name])]
+                refinement = without_map_kind(methods[name])[0]
+                masks[name] += [s.mask for s in dm.refine_captured(maps, refinement)]
                 refine_seconds[name] += time.time() - start
             start = time.time()
         images = images or group_images
@@ -748,14 +752,23 @@ def evaluate_segmenter(net, scenes) -> tuple[float, list[float]]:
     return score.miou(), score.per_class().round(4).tolist()
 
 
-# What a method name may change after a "+": the capture's blocks and step windows.
+# What a method name may change after a "+": the capture's blocks and step windows, and
+# the kind of class maps (map_kind=concept: ConceptAttention, MMDiT models).
 VARIANT_KEYS = ("cross_blocks", "affinity_blocks", "steps", "affinity_steps")
+MAP_KINDS = ("cross", "concept")
+
+
+def without_map_kind(refinement: dict) -> tuple[dict, str]:
+    """(the refinement proper, the map kind a method variant names; default "cross")."""
+    rest = dict(refinement)
+    return rest, rest.pop("map_kind", "cross")
 
 
 def method_variant(spec: str, table: dict[str, dict], flag: str) -> dict:
     """A refinement by name: a method of `table`, optionally with capture settings after
     "+" signs, values joined by dots: "separate+cross_blocks=1.2+steps=10.20" is
-    `separate` reading blocks 1 and 2 over steps 10 to 20 (an MMDiT model's blocks)."""
+    `separate` reading blocks 1 and 2 over steps 10 to 20 (an MMDiT model's blocks);
+    "separate+map_kind=concept" names its classes from ConceptAttention maps."""
     base, *changes = spec.split("+")
     if base not in table:
         raise SystemExit(
@@ -764,6 +777,9 @@ def method_variant(spec: str, table: dict[str, dict], flag: str) -> dict:
     refinement = dict(table[base])
     for change in changes:
         key, _, values = change.partition("=")
+        if key == "map_kind" and values in MAP_KINDS:
+            refinement[key] = values
+            continue
         try:
             numbers = tuple(int(v) for v in values.split("."))
         except ValueError:
@@ -771,7 +787,8 @@ def method_variant(spec: str, table: dict[str, dict], flag: str) -> dict:
         if key not in VARIANT_KEYS or not values or not numbers:
             raise SystemExit(
                 f"{flag} {spec!r}: {change!r} is not KEY=N.N with KEY one of "
-                f"{', '.join(VARIANT_KEYS)} (e.g. separate+cross_blocks=1.2)"
+                f"{', '.join(VARIANT_KEYS)} (e.g. separate+cross_blocks=1.2), nor "
+                f"map_kind={'|'.join(MAP_KINDS)}"
             )
         refinement[key] = numbers
     return refinement
@@ -882,6 +899,7 @@ def label_real_scenes(
     their exact masks: mIoU over background and the four shapes."""
     start = time.time()
     classes, texts = real_scene_prompts(scenes, prompts)
+    refinement, map_kind = without_map_kind(refinement)
     samples = dm.label(
         [s.image for s in scenes],
         classes=classes,
@@ -894,6 +912,7 @@ def label_real_scenes(
         class_ids=sw.CLASS_IDS,
         refinement=refinement,
         batch_size=batch,
+        map_kind=map_kind,
     )
     score = ConfusionIoU()
     for sample, scene in zip(samples, scenes, strict=True):

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.families import FAMILIES
 from diffumask_datasets.resources import cards_dir
 from diffumask_datasets.statistics import class_rows, store_statistics
 
@@ -162,6 +163,13 @@ def _template(name: str, labelled: bool = False) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def _refinement_text(refinement: Any) -> str:
+    if refinement is not None:
+        return json.dumps(refinement)
+    defaults = ", ".join(f"{f.default_method} for {f.name}" for f in FAMILIES)
+    return f"the model family's default method: {defaults}"
+
+
 def _python_literal(value: Any) -> str:
     return repr(value)
 
@@ -237,7 +245,7 @@ def render_card(store: Any, splits: Mapping[str, int] | None = None) -> str:
         "citation": CITATION,
         "paper": PAPER,
         "package_version": str(store.manifest.get("package_version", "unknown")),
-        "refinement": json.dumps(config.get("refinement")),
+        "refinement": _refinement_text(config.get("refinement")),
     }
     labelled = config.get("route") == "image-to-image"
     body = string.Template(_template(definition.name, labelled)).safe_substitute(values)

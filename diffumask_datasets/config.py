@@ -20,6 +20,7 @@ from typing import Any
 
 from diffumask_datasets.definitions import DEFAULT_KEYS, Definition, load_definition
 from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.families import refinement_by_family
 
 # Used when neither the caller nor the definition sets a value.
 FALLBACKS: dict[str, Any] = {
@@ -143,10 +144,8 @@ class GenerationConfig:
         """A hash of the definition and of every setting that changes a sample, the
         refinement by its resolved parameters: a changed default changes the hash, so a
         dataset is never resumed with masks cut two ways."""
-        from diffumask_datasets.refine import Refinement  # torch: only when a run starts
-
         settings = {k: v for k, v in self.to_dict().items() if k not in NOT_FINGERPRINTED}
-        settings["refinement"] = Refinement.from_any(self.refinement).to_dict()
+        settings["refinement"] = refinement_by_family(self.refinement)
         blob = json.dumps(
             {"definition": definition.fingerprint(), "settings": settings},
             sort_keys=True,

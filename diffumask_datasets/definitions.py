@@ -15,7 +15,8 @@ defaults:                          # optional: generation settings when the call
   num_inference_steps: 50
   guidance_scale: 7.5
   resolution: 512                  # square images, pixels
-  refinement: adaptive             # threshold | adaptive | affinity | separate, or parameters
+  refinement: adaptive             # threshold | adaptive | affinity | separate, or parameters;
+                                   # left out: the model family's (UNet adaptive, MMDiT separate)
   shard_size: 64                   # samples per stored shard
   two_classes: 0.0                 # fraction of images that show a second class
 prompts:

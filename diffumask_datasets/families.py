@@ -34,6 +34,9 @@ class UNetFamily:
     families override what differs."""
 
     name = "unet"
+    # The refinement method where none is named (the API's, a definition's or the CLI's
+    # left out): the best measured on the shapes models (BENCHMARKS.md).
+    default_method = "adaptive"
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -71,8 +74,8 @@ class UNetFamily:
             )
         if settings.get("map_kind", "cross") != "cross":
             raise DiffuMaskError(
-                f"map_kind={settings['map_kind']!r} is for FLUX.1 pipelines (ConceptAttention "
-                "on its double-stream blocks); use map_kind='cross'"
+                f"map_kind={settings['map_kind']!r} is for MMDiT pipelines (SD3, SD3.5, FLUX.1: "
+                "ConceptAttention on their joint blocks); use map_kind='cross'"
             )
 
     def concepts(self, token_indices, tokens):
@@ -126,11 +129,15 @@ class UNetFamily:
 class SD3Family(UNetFamily):
     """The adapter for SD3 and SD3.5: sizes in whole 2x2 patches, class words found in T5's
     sequence (and in the CLIP tokens where they reach), the negative half of the guidance
-    batch left unread."""
+    batch left unread, ConceptAttention's concepts (`map_kind="concept"`) from T5."""
 
     name = "sd3"
+    # Also FLUX.1's: on builtin:shapes-mmdit "adaptive" cut half the mIoU of "separate"
+    # (BENCHMARKS.md, "Shapes quality, MMDiT model").
+    default_method = "separate"
     default_sequence_length = 256  # the pipeline's default
     t5_tokenizer = "tokenizer_3"
+    t5_encoder = "text_encoder_3"
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -166,58 +173,34 @@ class SD3Family(UNetFamily):
             "max_sequence_length": self.max_sequence_length,
         }
 
-    def _class_positions(self, prompt: str, name: str, synonyms: Sequence[str]) -> list[int]:
-        positions = []
-        if self.pipe.text_encoder_3 is not None:
-            t5 = find_t5_class_tokens(
-                self.pipe.tokenizer_3, prompt, name, synonyms, self.max_sequence_length
-            )
-            # T5's tokens follow the CLIP ones (77, or the model's CLIP tokenizer's length)
-            positions = [self.pipe.tokenizer_max_length + p for p in t5]
-        try:
-            clip = find_class_tokens(self.pipe.tokenizer, prompt, name, synonyms)
-        except DiffuMaskError:
-            if not positions:  # without T5 the CLIP part is all there is
-                raise
-            clip = []  # cut off by CLIP's 77 tokens: T5 still sees it
-        return sorted(clip) + positions
-
-    def token_positions(self, prompt, classes, synonyms):
-        synonyms = synonyms or {}
-        return {
-            name: self._class_positions(prompt, name, synonyms.get(name, ())) for name in classes
-        }
-
-
-class FluxFamily(SD3Family):
-    """The adapter for FLUX.1: latents packed 2x2 into tokens, guidance distilled (no negative
-    half; `true_cfg_scale` runs the negative prompt as a second pass), and ConceptAttention
-    maps (`map_kind="concept"`)."""
-
-    name = "flux"
-    default_sequence_length = 512  # the pipeline's default
-    t5_tokenizer = "tokenizer_2"
-
-    @property
-    def size_step(self) -> int:
-        return self.latent_scale * 2  # latents are packed 2x2 into tokens
-
-    def conditional_half(self, guidance_scale: float) -> bool:
-        return False  # guidance-distilled: the positive prompt runs alone
-
-    def check(self, settings):
-        pass  # true_cfg_scale and concept maps are FLUX.1's own
+    def check(self, settings: Mapping[str, Any]) -> None:
+        """As UNet models', less map_kind: SD3 gives concept maps too."""
+        super().check({k: v for k, v in settings.items() if k != "map_kind"})
 
     def concept_embedding(self, name: str):
-        """A concept's T5 embedding: the mean over its word pieces, encoded alone (so it
-        does not depend on the other concepts of the batch)."""
+        """A concept's T5 embedding: the mean over its word pieces (special tokens left
+        out), encoded alone (so it does not depend on the other concepts of the batch)."""
         import torch
 
-        tokenizer, encoder = self.pipe.tokenizer_2, self.pipe.text_encoder_2
+        tokenizer = getattr(self.pipe, self.t5_tokenizer)
+        encoder = getattr(self.pipe, self.t5_encoder)
+        if encoder is None:
+            raise DiffuMaskError(
+                "map_kind='concept' embeds the concepts with the pipeline's T5 encoder, which "
+                "this one was loaded without; load it with its T5 or use map_kind='cross'"
+            )
         ids = tokenizer(name, return_tensors="pt").input_ids.to(encoder.device)
         with torch.no_grad():
             hidden = encoder(ids)[0][0].float()
-        pieces = (ids[0] != tokenizer.pad_token_id) & (ids[0] != tokenizer.eos_token_id)
+        # the word's pieces: T5 adds only an end token; a tokenizer may add a start too
+        special = torch.tensor(tokenizer.all_special_ids, device=ids.device)
+        pieces = ~torch.isin(ids[0], special)
+        if not pieces.any():
+            raise DiffuMaskError(
+                f"concept {name!r} is only special or unknown tokens to the T5 tokenizer; "
+                "name the class with words T5 knows (a definition's `prompt`) or use "
+                "map_kind='cross'"
+            )
         return hidden[pieces].mean(dim=0)
 
     def concepts(self, token_indices: Sequence[Mapping[str, Sequence[int]]], tokens):
@@ -243,6 +226,48 @@ class FluxFamily(SD3Family):
                     c for c, n in enumerate(positions) if token in positions[n]
                 )
         return Concepts(embeddings, valid, of_column)
+
+    def _class_positions(self, prompt: str, name: str, synonyms: Sequence[str]) -> list[int]:
+        positions = []
+        if self.pipe.text_encoder_3 is not None:
+            t5 = find_t5_class_tokens(
+                self.pipe.tokenizer_3, prompt, name, synonyms, self.max_sequence_length
+            )
+            # T5's tokens follow the CLIP ones (77, or the model's CLIP tokenizer's length)
+            positions = [self.pipe.tokenizer_max_length + p for p in t5]
+        try:
+            clip = find_class_tokens(self.pipe.tokenizer, prompt, name, synonyms)
+        except DiffuMaskError:
+            if not positions:  # without T5 the CLIP part is all there is
+                raise
+            clip = []  # cut off by CLIP's 77 tokens: T5 still sees it
+        return sorted(clip) + positions
+
+    def token_positions(self, prompt, classes, synonyms):
+        synonyms = synonyms or {}
+        return {
+            name: self._class_positions(prompt, name, synonyms.get(name, ())) for name in classes
+        }
+
+
+class FluxFamily(SD3Family):
+    """The adapter for FLUX.1: latents packed 2x2 into tokens, guidance distilled (no negative
+    half; `true_cfg_scale` runs the negative prompt as a second pass)."""
+
+    name = "flux"
+    default_sequence_length = 512  # the pipeline's default
+    t5_tokenizer = "tokenizer_2"
+    t5_encoder = "text_encoder_2"
+
+    @property
+    def size_step(self) -> int:
+        return self.latent_scale * 2  # latents are packed 2x2 into tokens
+
+    def conditional_half(self, guidance_scale: float) -> bool:
+        return False  # guidance-distilled: the positive prompt runs alone
+
+    def check(self, settings):
+        pass  # true_cfg_scale is FLUX.1's own
 
     def latents(self, seeds, height, width):
         channels = self.model.config.in_channels // 4
@@ -303,3 +328,17 @@ def family_of(pipe) -> UNetFamily:
     if isinstance(model, SD3Transformer2DModel):
         return SD3Family(pipe)
     return UNetFamily(pipe)
+
+
+FAMILIES = (UNetFamily, SD3Family, FluxFamily)
+
+
+def refinement_by_family(value: Any) -> dict[str, Any]:
+    """The refinement parameters `value` resolves to, for a fingerprint made before the model
+    is loaded: one dict where `value` names its method, else {family: its parameters}, so
+    a changed family default changes the hash."""
+    from .refine import Refinement  # torch: only when a run starts
+
+    resolved = {f.name: Refinement.from_any(value, f.default_method).to_dict() for f in FAMILIES}
+    first = resolved[UNetFamily.name]
+    return first if all(r == first for r in resolved.values()) else resolved

@@ -158,6 +158,11 @@ class DiffuMask:
         self.pipe.set_progress_bar_config(disable=True)
         self.family = family_of(self.pipe)  # UNet, SD3 or FLUX.1: sizes, noise, call
 
+    def refinement(self, value: Refinement | Mapping[str, Any] | str | None) -> Refinement:
+        """`value`'s parameters, the method this model's family defaults to where it names
+        none (UNet: "adaptive", SD3 and FLUX.1: "separate"; families.py)."""
+        return Refinement.from_any(value, self.family.default_method)
+
     @property
     def latent_scale(self) -> int:
         """Image sides are multiples of this (SD3 and FLUX.1: the latent scale times
@@ -190,7 +195,7 @@ class DiffuMask:
 
         true_cfg_scale: FLUX.1 only (guidance-distilled): above 1, with a negative
         prompt, the negative runs as a second pass and the two are mixed.
-        map_kind: "cross" (attention to the class tokens) or, FLUX.1 only, "concept"
+        map_kind: "cross" (attention to the class tokens) or, SD3 and FLUX.1, "concept"
         (ConceptAttention; recorded in each sample's meta)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         jobs = self.batches(
@@ -304,7 +309,7 @@ class DiffuMask:
         completes it on the CPU and returns its Samples. Call them in order, e.g. in a
         background thread with overlap.overlapped. Everything is checked before the first
         batch generates."""
-        params = Refinement.from_any(refinement)
+        params = self.refinement(refinement)
         for maps in self.captures(
             prompts,
             classes,
@@ -398,7 +403,7 @@ class DiffuMask:
     ) -> BatchPlan:
         """What every batch of a run shares, checked before anything runs: the class ids,
         each prompt's class tokens, the refinement and what capture keeps."""
-        params = Refinement.from_any(refinement)
+        params = self.refinement(refinement)
         ids = dict(class_ids) if class_ids is not None else {}
         for names in class_lists:
             for name in names:
@@ -477,7 +482,7 @@ class DiffuMask:
     ) -> list[Sample]:
         """The Samples of one captured batch (see `captures`) with `refinement`: the same
         as generating them with it, without generating again."""
-        params = Refinement.from_any(refinement)
+        params = self.refinement(refinement)
         maps.check(params)
         return _samples(maps, maps.cut(params, self.pipe.device), params)
 

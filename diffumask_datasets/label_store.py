@@ -22,6 +22,7 @@ from typing import Any
 
 from diffumask_datasets.definitions import Definition, load_definition
 from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.families import refinement_by_family
 from diffumask_datasets.inversion import DEFAULT_START
 from diffumask_datasets.store import Record, Store, make_manifest, open_store, start_run
 
@@ -133,6 +134,7 @@ def label_definition(classes: list[str], definition: str | None) -> Definition:
 
 def _fingerprint(config: LabelConfig, definition: Definition, images: list[Path]) -> str:
     settings = {k: v for k, v in config.to_dict().items() if k not in ("batch_size", "device")}
+    settings["refinement"] = refinement_by_family(config.refinement)
     listing = [[str(p), p.stat().st_size] for p in images]
     payload = json.dumps(
         {"settings": settings, "definition": definition.fingerprint(), "images": listing},
@@ -164,7 +166,6 @@ def _check_before_writing(engine, config: LabelConfig, definition: Definition) -
     name every class, the strength must run a step, the refinement must parse."""
     from diffumask_datasets.inversion import check_start
     from diffumask_datasets.label import DEFAULT_STRENGTH, _check_strength, label_prompt
-    from diffumask_datasets.refine import Refinement
 
     classes = list(config.classes)
     prompt = config.prompt if config.prompt is not None else label_prompt(classes)
@@ -173,7 +174,7 @@ def _check_before_writing(engine, config: LabelConfig, definition: Definition) -
     strength = DEFAULT_STRENGTH if config.strength is None else config.strength
     _check_strength(strength, config.num_inference_steps)
     check_start(config.start)
-    Refinement.from_any(config.refinement)
+    engine.refinement(config.refinement)
 
 
 def label_dataset(

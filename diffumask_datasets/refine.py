@@ -152,9 +152,13 @@ class Refinement:
         return self.method in ("adaptive", "affinity", "separate")
 
     @classmethod
-    def from_any(cls, value: Refinement | Mapping[str, Any] | str | None) -> Refinement:
+    def from_any(
+        cls, value: Refinement | Mapping[str, Any] | str | None, method: str | None = None
+    ) -> Refinement:
+        """The parameters `value` names; `method`: the method where it names none (None
+        or parameters without one), e.g. the model family's default."""
         if value is None:
-            return cls()
+            return cls() if method is None else cls(method=method)
         if isinstance(value, cls):
             return value
         if isinstance(value, str):
@@ -166,6 +170,8 @@ class Refinement:
                 raise DiffuMaskError(
                     f"unknown refinement parameter(s) {unknown}; known: {sorted(known)}"
                 )
+            if method is not None and "method" not in value:
+                value = {**value, "method": method}
             tuples = (
                 "gammas",
                 "cross_factors",

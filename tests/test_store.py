@@ -16,6 +16,7 @@ from tiny import tiny_settings
 from diffumask_datasets.build import CorruptShardWarning, GenerationConfig, build_dataset
 from diffumask_datasets.definitions import load_definition
 from diffumask_datasets.errors import DiffuMaskError
+from diffumask_datasets.families import SD3Family
 from diffumask_datasets.store import DIGESTS, MANIFEST, file_digest, open_store, write_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,16 +157,22 @@ def test_resume_with_other_settings_is_refused_naming_them(built, change, named)
         build_dataset(built.path, "voc", config(**change), resume=True, engine=NoEngine())
 
 
-def test_the_fingerprint_reads_the_refinements_resolved_parameters():
+def test_the_fingerprint_reads_the_refinements_resolved_parameters(monkeypatch):
     """Spelt three ways, the default refinement is one setting; a changed parameter (as a
     changed default would be) is another, so a store is never resumed with masks cut two
-    ways."""
+    ways. Left without a method, the refinement is each model family's default: a changed
+    family default changes its hash, and not a named method's."""
     definition = load_definition("voc")
     default = config(refinement=None).fingerprint(definition)
-    assert config(refinement="adaptive").fingerprint(definition) == default
-    assert config(refinement={"classes_from": "all"}).fingerprint(definition) != default
+    named = config(refinement="adaptive").fingerprint(definition)
+    assert config(refinement={}).fingerprint(definition) == default
     assert config(refinement={"colour_steps": 10}).fingerprint(definition) == default
     assert config(refinement={"colour_steps": 0}).fingerprint(definition) != default
+    assert config(refinement={"classes_from": "all"}).fingerprint(definition) != default
+    assert named != default  # SD3 and FLUX.1 default to another method
+    monkeypatch.setattr(SD3Family, "default_method", "affinity")
+    assert config(refinement=None).fingerprint(definition) != default
+    assert config(refinement="adaptive").fingerprint(definition) == named
 
 
 def test_a_store_whose_settings_now_resolve_otherwise_is_refused_saying_why(built, tmp_path):

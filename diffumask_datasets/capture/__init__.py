@@ -68,8 +68,8 @@ def trace(
     tokens: for each prompt of the (one) pipeline call, the text-token positions whose
     maps to keep, as positions in the text sequence the denoiser attends to (see
     tokens.find_class_tokens and families). The denoiser's original processors come
-    back on exit, on error too. concepts: for map_kind "concept" (FLUX.1; see
-    families.FluxFamily.concepts).
+    back on exit, on error too. concepts: for map_kind "concept" (SD3, FLUX.1; see
+    families.SD3Family.concepts).
     """
     model = denoiser(pipe_or_model)
     with _family(model).trace(model, tokens, options or CaptureOptions(), concepts) as cap:

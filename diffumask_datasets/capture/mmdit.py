@@ -13,13 +13,15 @@ FLUX.1 (attention sinks), unevenly across layers, so raw probabilities would wei
 by how little the sinks took. The affinity is the image-to-image part of the joint
 attention, renormalised over the image keys, at a chosen set of joint blocks.
 
-map_kind "concept" (FLUX.1): ConceptAttention (Helbling et al., arXiv 2502.04320). Each
-prompt's class names and "background" are embedded by T5 alone and run as an extra token
-stream through the double-stream blocks with the text stream's weights (modulation,
-projections, feed-forward). Concept queries attend to the concept and image keys; image
-and text tokens never attend to the concepts, so the image is unchanged. A pixel's map is
-the softmax over its prompt's concepts of the dot products of its attention output with
-theirs (both before the output projection), averaged over the chosen blocks and steps.
+map_kind "concept" (SD3, SD3.5, FLUX.1): ConceptAttention (Helbling et al., arXiv
+2502.04320; written for FLUX.1, run on SD3's joint blocks the same way). Each prompt's
+class names and "background" are embedded by T5 alone and run as an extra token stream
+through the joint (double-stream) blocks with the text stream's weights (modulation,
+projections, feed-forward; SD3's last, text-pre-only block ends the stream). Concept
+queries attend to the concept and image keys; image and text tokens never attend to the
+concepts, so the image is unchanged. A pixel's map is the softmax over its prompt's
+concepts of the dot products of its attention output with theirs (both before the output
+projection), averaged over the chosen blocks and steps.
 """
 
 from __future__ import annotations
@@ -71,8 +73,8 @@ class Concepts:
 
 
 class ConceptStream:
-    """The concept tokens' residual stream through FLUX.1's double-stream blocks, with the
-    text stream's weights; restarted at every transformer call that is read."""
+    """The concept tokens' residual stream through the joint (double-stream) blocks, with
+    the text stream's weights; restarted at every transformer call that is read."""
 
     def __init__(self, concepts: Concepts):
         self.concepts = concepts
@@ -85,29 +87,40 @@ class ConceptStream:
         self.state = model.context_embedder(embeddings)
 
     def before_block(self, block, temb: torch.Tensor) -> None:
-        self.modulation = block.norm1_context(self.state, emb=temb[-self.state.shape[0] :])
+        temb = temb[-self.state.shape[0] :]
+        if getattr(block, "context_pre_only", False):  # SD3's last block: no update follows
+            self.modulation = (block.norm1_context(self.state, temb),)
+        else:
+            self.modulation = block.norm1_context(self.state, emb=temb)
 
-    def attend(self, attn, key: torch.Tensor, value: torch.Tensor, text: int) -> torch.Tensor:
+    def attend(self, attn, image_key: torch.Tensor, image_value: torch.Tensor) -> torch.Tensor:
         """The concepts' attention output [P, C, inner] (before the output projection)
-        over their own keys and the image's (key, value: the read rows, [P, S, heads, d],
-        RoPE applied; concept positions are text positions, whose rotation is none)."""
+        over their own keys and the image's (the read rows' image keys and values, [P,
+        heads, image tokens, d]; FLUX.1's with RoPE applied: concept positions are text
+        positions, whose rotation is none)."""
         normed = self.modulation[0]
-        query = attn.norm_added_q(attn.add_q_proj(normed).unflatten(-1, (-1, attn.head_dim)))
-        own_key = attn.norm_added_k(attn.add_k_proj(normed).unflatten(-1, (-1, attn.head_dim)))
-        own_value = attn.add_v_proj(normed).unflatten(-1, (-1, attn.head_dim))
-        keys = torch.cat([own_key, key[:, text:]], dim=1)
-        values = torch.cat([own_value, value[:, text:]], dim=1)
-        valid = self.concepts.valid.to(key.device)
-        images = valid.new_ones(valid.shape[0], key.shape[1] - text)
-        mask = torch.cat([valid, images], dim=1)[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask
+        query, own_key, own_value = to_heads(
+            attn.add_q_proj(normed),
+            attn.add_k_proj(normed),
+            attn.add_v_proj(normed),
+            attn.heads,
+            attn.norm_added_q,
+            attn.norm_added_k,
         )
+        keys = torch.cat([own_key, image_key], dim=2)
+        values = torch.cat([own_value, image_value], dim=2)
+        valid = self.concepts.valid.to(keys.device)
+        images = valid.new_ones(valid.shape[0], image_key.shape[2])
+        mask = torch.cat([valid, images], dim=1)[:, None, None, :]
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
         out = out.transpose(1, 2).flatten(2, 3)
-        self.update = attn.to_add_out(out)
+        out_projection = getattr(attn, "to_add_out", None)
+        self.update = out_projection(out) if out_projection is not None else None
         return out
 
     def after_block(self, block) -> None:
+        if self.update is None:
+            return  # the stream ends at a text-pre-only block
         _, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation
         state = self.state + gate_msa.unsqueeze(1) * self.update
         normed = block.norm2_context(state) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
@@ -195,6 +208,16 @@ class _Sums(RunningSums):
         return out
 
 
+    def attend_concepts(self, attn, out, key, value, image: slice, keep: bool) -> None:
+        """The concept stream's attention in this layer (out, key, value: the whole batch,
+        [batch, heads, joint sequence, dim]); keep: its maps are kept."""
+        rows = self.rows
+        concept_out = self.stream.attend(attn, key[rows:, :, image], value[rows:, :, image])
+        if keep:
+            image_out = out[rows:, :, image].transpose(1, 2).flatten(2, 3)
+            self.add_cross(self.stream.maps(image_out, concept_out), self.grid)
+
+
 def spatially_normalised(maps: torch.Tensor) -> torch.Tensor:
     """maps [P, image tokens, columns] -> each column a distribution over the image."""
     return maps / maps.sum(dim=1, keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
@@ -205,10 +228,11 @@ class JointCaptureProcessor:
     the running sums attend for the rows it reads. SD3.5's image-only `attn2` layers keep their
     own processor."""
 
-    def __init__(self, sums: _Sums, affinity: bool, cross: bool = True):
+    def __init__(self, sums: _Sums, affinity: bool, concept_map: bool = False, cross=True):
         self.sums = sums
         self.affinity = affinity
-        self.cross = cross  # this block's class maps are kept
+        self.concept_map = concept_map  # map_kind "concept": this block's maps are kept
+        self.cross = cross  # map_kind "cross": this block's maps are kept
         self.stock = JointAttnProcessor2_0()
 
     def __call__(
@@ -241,16 +265,18 @@ class JointCaptureProcessor:
         key = torch.cat([key, context_key], dim=2)
         value = torch.cat([value, context_value], dim=2)
 
-        images = residual.shape[1]
+        image = slice(0, residual.shape[1])
         hidden_states = self.sums.attend(
-            query, key, value, slice(0, images), slice(images, None), self.affinity, self.cross
+            query, key, value, image, slice(image.stop, None), self.affinity, self.cross
         )
+        if self.sums.stream is not None:
+            self.sums.attend_concepts(attn, hidden_states, key, value, image, self.concept_map)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
         hidden_states, encoder_hidden_states = (
-            hidden_states[:, :images],
-            hidden_states[:, images:],
+            hidden_states[:, image],
+            hidden_states[:, image.stop :],
         )
         if not attn.context_pre_only:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
@@ -364,11 +390,7 @@ class FluxCaptureProcessor:
             plain=plain,
         )
         if self.sums.stream is not None:
-            rows = self.sums.rows
-            concept_out = self.sums.stream.attend(attn, key[rows:], value[rows:], text)
-            if self.concept_map:
-                image_out = out[rows:, :, text:].transpose(1, 2).flatten(2, 3)
-                self.sums.add_cross(self.sums.stream.maps(image_out, concept_out), self.sums.grid)
+            self.sums.attend_concepts(attn, out, k, v, slice(text, None), self.concept_map)
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
@@ -451,10 +473,10 @@ def _select_layers(model, options: CaptureOptions, concepts) -> dict[str, tuple[
         raise DiffuMaskError(f"map_kind={options.map_kind!r} is unknown; use 'cross' or 'concept'")
     concept = set()
     if options.map_kind == "concept":
-        if not isinstance(model, FluxTransformer2DModel) or concepts is None:
+        if concepts is None:
             raise DiffuMaskError(
-                f"map_kind='concept' needs a FLUX.1 transformer and its concepts (got {kind}"
-                f"{'' if concepts is not None else ', no concepts'}); use map_kind='cross'"
+                f"map_kind='concept' needs the concepts of the batch ({kind} got none: see "
+                "families.SD3Family.concepts); use map_kind='cross'"
             )
         wanted = options.concept_blocks or default_concept_blocks(model)
         concept = _blocks("concept_blocks", wanted, joint, kind)
@@ -514,7 +536,7 @@ def trace(
 ) -> Iterator[Capture]:
     """Capture the joint attention of every call of `model` made inside the block; the
     original processors come back on exit, on error too. concepts: for map_kind
-    "concept" (see families.FluxFamily.concepts)."""
+    "concept" (see families.SD3Family.concepts)."""
     originals = dict(model.attn_processors)
     selected = _select_layers(model, options, concepts)
     wrappable = WRAPPABLE[next(c for c in SUPPORTED if isinstance(model, c))]
@@ -536,7 +558,7 @@ def trace(
                 sums, originals[name], affinity, concept_map, cross
             )
         else:
-            processors[name] = JointCaptureProcessor(sums, affinity, cross)
+            processors[name] = JointCaptureProcessor(sums, affinity, concept_map, cross)
 
     def begin_call(module, args, kwargs):
         sums.begin_call(kwargs["timestep"], *_grid(module, args, kwargs))

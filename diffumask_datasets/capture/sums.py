@@ -64,11 +64,11 @@ class CaptureOptions:
     cross_blocks: MMDiT only, map_kind "cross": indices of the blocks whose image-to-text
         attention makes the class maps (FLUX.1's single-stream blocks numbered on after its
         double-stream ones); None: every block.
-    map_kind: "cross" (attention of image tokens to the class tokens) or, FLUX.1 only,
+    map_kind: "cross" (attention of image tokens to the class tokens) or, MMDiT only,
         "concept" (ConceptAttention: class and background concepts as an extra stream,
         maps from the attention-output space; see capture.mmdit).
-    concept_blocks: FLUX.1, map_kind "concept": the double-stream blocks whose maps are
-        averaged; None: the second half.
+    concept_blocks: MMDiT, map_kind "concept": the joint (double-stream) blocks whose
+        maps are averaged; None: the second half.
     """
 
     cross_factors: tuple[int, ...] | None = None

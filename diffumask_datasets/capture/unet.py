@@ -211,7 +211,7 @@ def trace(
     processors come back on exit, on error too."""
     if options.map_kind != "cross":
         raise DiffuMaskError(
-            f"map_kind={options.map_kind!r} needs a FLUX.1 transformer; "
+            f"map_kind={options.map_kind!r} needs an MMDiT transformer (SD3, FLUX.1); "
             f"{type(unet).__name__} gives map_kind='cross'"
         )
     for name in ("cross_blocks", "affinity_blocks"):

@@ -79,7 +79,8 @@ def _check_strength(ctx: click.Context, param: click.Parameter, value: float | N
 @click.option(
     "--refinement",
     callback=_check_refinement,
-    help="threshold | adaptive | affinity | separate, or JSON parameters.",
+    help="threshold | adaptive | affinity | separate, or JSON parameters. Default: the "
+    "definition's, else the model family's (UNet adaptive, SD3 and FLUX.1 separate).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True, callback=at_least_one(4))
