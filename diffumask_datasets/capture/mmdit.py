@@ -72,6 +72,19 @@ class Concepts:
     of_column: torch.Tensor  # [P, kept columns]: the concept each kept token column reads
 
 
+def text_heads(attn, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The text stream's query, key and value ([batch, heads, tokens, d]) through the
+    layer's text-side projections and norms (the concepts take the same)."""
+    return to_heads(
+        attn.add_q_proj(text),
+        attn.add_k_proj(text),
+        attn.add_v_proj(text),
+        attn.heads,
+        attn.norm_added_q,
+        attn.norm_added_k,
+    )
+
+
 class ConceptStream:
     """The concept tokens' residual stream through the joint (double-stream) blocks, with
     the text stream's weights; restarted at every transformer call that is read."""
@@ -98,15 +111,7 @@ class ConceptStream:
         over their own keys and the image's (the read rows' image keys and values, [P,
         heads, image tokens, d]; FLUX.1's with RoPE applied: concept positions are text
         positions, whose rotation is none)."""
-        normed = self.modulation[0]
-        query, own_key, own_value = to_heads(
-            attn.add_q_proj(normed),
-            attn.add_k_proj(normed),
-            attn.add_v_proj(normed),
-            attn.heads,
-            attn.norm_added_q,
-            attn.norm_added_k,
-        )
+        query, own_key, own_value = text_heads(attn, self.modulation[0])
         keys = torch.cat([own_key, image_key], dim=2)
         values = torch.cat([own_value, image_value], dim=2)
         valid = self.concepts.valid.to(keys.device)
@@ -207,7 +212,6 @@ class _Sums(RunningSums):
             )
         return out
 
-
     def attend_concepts(self, attn, out, key, value, image: slice, keep: bool) -> None:
         """The concept stream's attention in this layer (out, key, value: the whole batch,
         [batch, heads, joint sequence, dim]); keep: its maps are kept."""
@@ -253,14 +257,7 @@ class JointCaptureProcessor:
             attn.norm_k,
         )
         head_dim = key.shape[-1]
-        context_query, context_key, context_value = to_heads(
-            attn.add_q_proj(text),
-            attn.add_k_proj(text),
-            attn.add_v_proj(text),
-            attn.heads,
-            attn.norm_added_q,
-            attn.norm_added_k,
-        )
+        context_query, context_key, context_value = text_heads(attn, text)
         query = torch.cat([query, context_query], dim=2)
         key = torch.cat([key, context_key], dim=2)
         value = torch.cat([value, context_value], dim=2)
