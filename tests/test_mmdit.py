@@ -430,7 +430,8 @@ def test_concept_maps_are_refused_where_they_cannot_be_made():
     with pytest.raises(DiffuMaskError, match=r"map_kind='concept' needs an MMDiT transformer"):
         with trace(load_pipeline("builtin:tiny-random"), [[5]], CaptureOptions(map_kind="concept")):
             pass
-    without_t5 = load_pipeline("builtin:tiny-random-sd3")
-    without_t5.text_encoder_3 = None  # as SD3 pipelines loaded with text_encoder_3=None
+    sd3 = load_pipeline("builtin:tiny-random-sd3")  # shared: built once per process
+    # as SD3 pipelines loaded with text_encoder_3=None
+    without_t5 = type(sd3)(**{**sd3.components, "text_encoder_3": None, "tokenizer_3": None})
     with pytest.raises(DiffuMaskError, match=r"with the pipeline's T5 encoder, which this one"):
         DiffuMask(without_t5)(PROMPTS[:1], classes=[["aeroplane"]], **small)
