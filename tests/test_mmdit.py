@@ -435,3 +435,5 @@ def test_concept_maps_are_refused_where_they_cannot_be_made():
     without_t5 = type(sd3)(**{**sd3.components, "text_encoder_3": None, "tokenizer_3": None})
     with pytest.raises(DiffuMaskError, match=r"with the pipeline's T5 encoder, which this one"):
         DiffuMask(without_t5)(PROMPTS[:1], classes=[["aeroplane"]], **small)
+    with pytest.raises(DiffuMaskError, match=r"concept '' is only special or unknown tokens"):
+        family_of(sd3).concept_embedding("")
