@@ -541,20 +541,14 @@ def capture_groups(methods: dict[str, dict]) -> list[tuple[dict, list[str]]]:
     once per method: [(the refinement to capture with, its methods' names)]."""
     from diffumask_datasets.refine import Refinement
 
-    keys = (
-        "cross_factors",
-        "steps",
-        "cross_blocks",
-        "affinity_factor",
-        "affinity_steps",
-        "affinity_blocks",
-    )
+    class_map_keys = ("cross_factors", "steps", "cross_blocks", "concept_blocks")
+    affinity_keys = ("affinity_factor", "affinity_steps", "affinity_blocks")
     groups: dict[tuple, tuple[dict, list[str]]] = {}
     for name, refinement in methods.items():
         params, map_kind = without_map_kind(refinement)
         params = Refinement.from_any(params)
-        key = (map_kind, *(getattr(params, k) for k in keys[:3])) + (
-            tuple(getattr(params, k) for k in keys[3:]) if params.needs_affinity else (None,)
+        key = (map_kind, *(getattr(params, k) for k in class_map_keys)) + (
+            tuple(getattr(params, k) for k in affinity_keys) if params.needs_affinity else (None,)
         )
         groups.setdefault(key, (refinement, []))[1].append(name)
     # a group without the affinity captures none: cheaper, and refined the same way
@@ -754,7 +748,7 @@ def evaluate_segmenter(net, scenes) -> tuple[float, list[float]]:
 
 # What a method name may change after a "+": the capture's blocks and step windows, and
 # the kind of class maps (map_kind=concept: ConceptAttention, MMDiT models).
-VARIANT_KEYS = ("cross_blocks", "affinity_blocks", "steps", "affinity_steps")
+VARIANT_KEYS = ("cross_blocks", "affinity_blocks", "concept_blocks", "steps", "affinity_steps")
 MAP_KINDS = ("cross", "concept")
 
 
@@ -768,7 +762,8 @@ def method_variant(spec: str, table: dict[str, dict], flag: str) -> dict:
     """A refinement by name: a method of `table`, optionally with capture settings after
     "+" signs, values joined by dots: "separate+cross_blocks=1.2+steps=10.20" is
     `separate` reading blocks 1 and 2 over steps 10 to 20 (an MMDiT model's blocks);
-    "separate+map_kind=concept" names its classes from ConceptAttention maps."""
+    "separate+map_kind=concept+concept_blocks=0" names its classes from the
+    ConceptAttention maps of block 0."""
     base, *changes = spec.split("+")
     if base not in table:
         raise SystemExit(

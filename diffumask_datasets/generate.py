@@ -102,6 +102,7 @@ class BatchMaps:
             "cross_factors": params.cross_factors,
             "steps": params.steps,
             "cross_blocks": params.cross_blocks,
+            "concept_blocks": params.concept_blocks,
         }
         if params.needs_affinity:
             if self.options.affinity_factor is None:
@@ -429,6 +430,7 @@ class DiffuMask:
             affinity_steps=params.affinity_steps,
             affinity_blocks=params.affinity_blocks if params.needs_affinity else None,
             cross_blocks=params.cross_blocks,
+            concept_blocks=params.concept_blocks,
             conditional_half=self.family.conditional_half(guidance_scale),
             map_kind=map_kind,
         )

@@ -50,6 +50,7 @@ from .sample import IGNORE
 
 METHODS = ("threshold", "adaptive", "affinity", "separate")
 CLASSES_FROM = ("coarsest", "all")
+BLOCK_CHOICES = ("cross_blocks", "affinity_blocks", "concept_blocks")  # MMDiT models' blocks
 Size = tuple[int, int]
 
 
@@ -73,6 +74,8 @@ class Refinement:
     cross_blocks / affinity_blocks: MMDiT models (SD3, SD3.5, FLUX.1) only: the blocks whose
         attention makes the class maps and the affinity (see CaptureOptions); None: the
         model's defaults.
+    concept_blocks: MMDiT models with map_kind "concept" only: the joint blocks whose
+        ConceptAttention maps make the class maps; None: the second half.
     classes_from: which cross-attention maps name each foreground pixel's class, for
         "adaptive" and "separate": "coarsest" (the coarsest captured resolution's, which
         tell several objects apart on the shapes model) or "all" (every resolution's
@@ -93,6 +96,7 @@ class Refinement:
     affinity_steps: tuple[int, int] | None = None
     cross_blocks: tuple[int, ...] | None = None
     affinity_blocks: tuple[int, ...] | None = None
+    concept_blocks: tuple[int, ...] | None = None
     classes_from: str = "coarsest"
 
     def __post_init__(self):
@@ -132,7 +136,7 @@ class Refinement:
                 f"refinement colour_steps={steps!r} must be an integer >= 0 (0 turns the "
                 "colour-guided smoothing off)"
             )
-        for name in ("cross_blocks", "affinity_blocks"):
+        for name in BLOCK_CHOICES:
             blocks = getattr(self, name)
             if blocks is not None and not (
                 isinstance(blocks, tuple | list)
@@ -177,8 +181,7 @@ class Refinement:
                 "cross_factors",
                 "steps",
                 "affinity_steps",
-                "cross_blocks",
-                "affinity_blocks",
+                *BLOCK_CHOICES,
             )
             return cls(
                 **{

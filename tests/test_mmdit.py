@@ -437,3 +437,22 @@ def test_concept_maps_are_refused_where_they_cannot_be_made():
         DiffuMask(without_t5)(PROMPTS[:1], classes=[["aeroplane"]], **small)
     with pytest.raises(DiffuMaskError, match=r"concept '' is only special or unknown tokens"):
         family_of(sd3).concept_embedding("")
+
+
+def test_concept_blocks_choose_the_maps_and_are_refused_where_they_mean_nothing():
+    dm = DiffuMask("builtin:tiny-random-sd3")
+    small = {"num_inference_steps": 2, "height": 64, "width": 64}
+    one = {"prompts": PROMPTS[:1], "classes": [["aeroplane"]], **small}
+    first = {"method": "separate", "concept_blocks": [0]}  # the default: the second half
+    (chosen,) = dm(**one, map_kind="concept", refinement=first)
+    (default,) = dm(**one, map_kind="concept", refinement="separate")
+    assert chosen.meta["refinement"]["params"]["concept_blocks"] == [0]
+    assert default.meta["refinement"]["params"]["concept_blocks"] is None
+    assert not np.allclose(chosen.attention["aeroplane"], default.attention["aeroplane"])
+    (maps,) = dm.captures(**one, map_kind="concept", refinement="separate")
+    with pytest.raises(DiffuMaskError, match="concept_blocks"):
+        dm.refine_captured(maps, first)  # captured from the default blocks
+    with pytest.raises(DiffuMaskError, match=r"concept_blocks=\[0\] chooses map_kind 'concept'"):
+        dm(**one, refinement=first)
+    with pytest.raises(DiffuMaskError, match=r"concept_blocks=\[0\] chooses blocks of an MMDiT"):
+        DiffuMask("builtin:tiny-random")(**one, refinement=first)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -417,3 +418,28 @@ def test_the_definitions_refinement_names_each_of_two_objects_by_its_own_class(s
             labels = sample.mask[(objects == k) & (sample.mask != 255)]
             named.add(int(np.bincount(labels, minlength=256)[1:255].argmax()) + 1)
         assert named == {sw.CLASS_IDS[s] for s in shapes}, prompt
+
+
+def test_benchmark_method_variants_group_by_what_they_capture():
+    """shapes_quality generates once per capture: methods reading the same maps share a
+    group, and a variant choosing other blocks or map kind gets its own."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_quality.py"
+    spec = importlib.util.spec_from_file_location("shapes_quality", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    names = [
+        "separate",
+        "affinity",
+        "separate+map_kind=concept",
+        "separate+map_kind=concept+concept_blocks=0.1",
+        "separate+cross_blocks=2",
+    ]
+    methods = {n: bench.method_variant(n, bench.MULTI_METHODS, "--m") for n in names}
+    assert methods[names[3]]["concept_blocks"] == (0, 1)
+    groups = sorted(sorted(group) for _, group in bench.capture_groups(methods))
+    assert groups == [["affinity", "separate"], *([n] for n in sorted(names[2:]))]
+    for bad in ("separate+concept_blocks=x", "separate+map_kind=pixels", "nope"):
+        with pytest.raises(SystemExit, match=re.escape(bad)):
+            bench.method_variant(bad, bench.MULTI_METHODS, "--m")

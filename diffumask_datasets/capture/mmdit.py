@@ -469,6 +469,11 @@ def _select_layers(model, options: CaptureOptions, concepts) -> dict[str, tuple[
     if options.map_kind not in ("cross", "concept"):
         raise DiffuMaskError(f"map_kind={options.map_kind!r} is unknown; use 'cross' or 'concept'")
     concept = set()
+    if options.map_kind != "concept" and options.concept_blocks is not None:
+        raise DiffuMaskError(
+            f"concept_blocks={list(options.concept_blocks)} chooses map_kind 'concept' maps; "
+            "pass map_kind='concept', or with map_kind='cross' choose cross_blocks"
+        )
     if options.map_kind == "concept":
         if concepts is None:
             raise DiffuMaskError(

@@ -214,7 +214,7 @@ def trace(
             f"map_kind={options.map_kind!r} needs an MMDiT transformer (SD3, FLUX.1); "
             f"{type(unet).__name__} gives map_kind='cross'"
         )
-    for name in ("cross_blocks", "affinity_blocks"):
+    for name in ("cross_blocks", "affinity_blocks", "concept_blocks"):
         if getattr(options, name) is not None:
             raise DiffuMaskError(
                 f"{name}={list(getattr(options, name))} chooses blocks of an MMDiT transformer "
