@@ -125,6 +125,11 @@ def test_a_rendered_shapes_scene_is_labelled_with_its_exact_mask():
         ([noise_image(0)], {"prompts": ["a photo of a cat"]}, r"'dog'.*'a photo of a cat'"),
         ([noise_image(0)], {"strength": 0.0}, r"strength=0.0 must be in \(0, 1\]"),
         ([noise_image(0)], {"strength": 0.1}, r"strength=0.1 of num_inference_steps=4 runs no"),
+        (
+            [noise_image(0)],
+            {"refinement": {"method": "threshold", "steps": [2, 4]}},
+            r"steps=\[2, 4\] selected none of the 2 denoising steps run",
+        ),
         ([noise_image(0)], {"classes": [["dog"], ["cat"]]}, r"classes has 2 lists for 1 images"),
         ([noise_image(0)], {"classes": []}, r"must name at least one class"),
         ([noise_image(0)], {"prompts": ["a dog", "a dog"]}, r"prompts has 2 entries for 1"),

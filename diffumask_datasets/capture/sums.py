@@ -317,6 +317,13 @@ class RunningSums:
         self.affinity_adds += 1
 
     def result(self) -> Captured:
+        if not self.cross and self.options.steps is not None and self.step >= 0:
+            raise DiffuMaskError(
+                f"steps={list(self.options.steps)} selected none of the {self.step + 1} "
+                "denoising steps run (indices from 0; labelling a given image runs only the "
+                "last `strength` share of num_inference_steps); choose a range inside them, "
+                "or None for every step"
+            )
         if not self.cross:
             raise DiffuMaskError(
                 "no cross-attention was captured: the pipeline never ran inside the capture, "
