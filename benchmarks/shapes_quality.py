@@ -649,7 +649,11 @@ def single_object_rows(dm, n, steps, guidance, seed, batch, methods=None) -> dic
         for mask, ref in zip(masks[name], refs, strict=True):
             if int((ref > 0).sum()) >= MIN_OBJECT_PIXELS:
                 score.add(mask, ref)
-        row[name] = {"miou": score.miou(), "refine_ms_per_image": 1000 * refine_seconds[name] / n}
+        row[name] = {
+            "miou": score.miou(),
+            "per_class": dict(zip(NAMES, score.per_class().round(4).tolist(), strict=True)),
+            "refine_ms_per_image": 1000 * refine_seconds[name] / n,
+        }
     return row
 
 
@@ -815,9 +819,10 @@ def multi_object_main(dm, args, methods: dict[str, dict], began: float) -> dict:
         dm, args.fidelity_images, args.steps, args.guidance, args.seed, args.batch, methods
     )
     print_multi_object_rows(single, {})  # printed as each part is done
-    classifier = train_shape_classifier(args.seed)
     rows = {}
-    for objects in (2, 3):
+    counts = (2, 3) if args.multi_prompts > 0 else ()  # 0: the single-object rows alone
+    classifier = train_shape_classifier(args.seed) if counts else None
+    for objects in counts:
         rows |= multi_object_rows(
             dm,
             classifier,
@@ -840,10 +845,11 @@ def multi_object_main(dm, args, methods: dict[str, dict], began: float) -> dict:
     }
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
-    print(
-        "multi-object: "
-        + " ".join(f"{m}={rows[2][m]['miou']:.3f}/{rows[3][m]['miou']:.3f}" for m in methods)
-    )
+    if rows:
+        print(
+            "multi-object: "
+            + " ".join(f"{m}={rows[2][m]['miou']:.3f}/{rows[3][m]['miou']:.3f}" for m in methods)
+        )
     return report
 
 
