@@ -646,11 +646,16 @@ def single_object_rows(dm, n, steps, guidance, seed, batch, methods=None) -> dic
     row = {"prompts": n}
     for name in methods:
         score = ConfusionIoU()
+        scored = empty = 0  # images with a drawn object; those whose mask has none
         for mask, ref in zip(masks[name], refs, strict=True):
             if int((ref > 0).sum()) >= MIN_OBJECT_PIXELS:
                 score.add(mask, ref)
+                scored += 1
+                empty += int(not (mask > 0).any())
         row[name] = {
             "miou": score.miou(),
+            "scored_images": scored,
+            "empty_masks": empty,
             "per_class": dict(zip(NAMES, score.per_class().round(4).tolist(), strict=True)),
             "refine_ms_per_image": 1000 * refine_seconds[name] / n,
         }
@@ -667,9 +672,10 @@ def print_multi_object_rows(single: dict | None, rows: dict, header: bool = True
     if single is not None:
         for name, r in single.items():
             if name != "prompts":
+                missing = f"{r['empty_masks']}/{r['scored_images']}"  # one object each
                 print(
                     f"{1:>7}  {name:<22}{single['prompts']:>8}{'':>10}{r['miou']:>7.3f}"
-                    f"{'':>10}{'':>12}{r['refine_ms_per_image']:>10.1f}",
+                    f"{'':>10}{missing:>12}{r['refine_ms_per_image']:>10.1f}",
                     flush=True,
                 )
     for objects, row in rows.items():
