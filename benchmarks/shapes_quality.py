@@ -759,6 +759,7 @@ def evaluate_segmenter(net, scenes) -> tuple[float, list[float]]:
 # What a method name may change after a "+": the capture's blocks and step windows, and
 # the kind of class maps (map_kind=concept: ConceptAttention, MMDiT models).
 VARIANT_KEYS = ("cross_blocks", "affinity_blocks", "concept_blocks", "steps", "affinity_steps")
+SCALAR_KEYS = ("affinity_power",)  # one number: the walk's steps
 MAP_KINDS = ("cross", "concept")
 
 
@@ -773,7 +774,7 @@ def method_variant(spec: str, table: dict[str, dict], flag: str) -> dict:
     "+" signs, values joined by dots: "separate+cross_blocks=1.2+steps=10.20" is
     `separate` reading blocks 1 and 2 over steps 10 to 20 (an MMDiT model's blocks);
     "separate+map_kind=concept+concept_blocks=0" names its classes from the
-    ConceptAttention maps of block 0."""
+    ConceptAttention maps of block 0; "separate+affinity_power=1" walks one step."""
     base, *changes = spec.split("+")
     if base not in table:
         raise SystemExit(
@@ -789,11 +790,14 @@ def method_variant(spec: str, table: dict[str, dict], flag: str) -> dict:
             numbers = tuple(int(v) for v in values.split("."))
         except ValueError:
             numbers = ()
+        if key in SCALAR_KEYS and len(numbers) == 1:
+            refinement[key] = numbers[0]
+            continue
         if key not in VARIANT_KEYS or not values or not numbers:
             raise SystemExit(
                 f"{flag} {spec!r}: {change!r} is not KEY=N.N with KEY one of "
-                f"{', '.join(VARIANT_KEYS)} (e.g. separate+cross_blocks=1.2), nor "
-                f"map_kind={'|'.join(MAP_KINDS)}"
+                f"{', '.join(VARIANT_KEYS)} (e.g. separate+cross_blocks=1.2), "
+                f"{'|'.join(SCALAR_KEYS)}=N, nor map_kind={'|'.join(MAP_KINDS)}"
             )
         refinement[key] = numbers
     return refinement

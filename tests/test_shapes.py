@@ -438,8 +438,16 @@ def test_benchmark_method_variants_group_by_what_they_capture():
     ]
     methods = {n: bench.method_variant(n, bench.MULTI_METHODS, "--m") for n in names}
     assert methods[names[3]]["concept_blocks"] == (0, 1)
+    walk = bench.method_variant("separate+affinity_power=1", bench.MULTI_METHODS, "--m")
+    assert walk["affinity_power"] == 1  # a refinement parameter: captured with "separate"
+    assert len(bench.capture_groups({"separate": methods["separate"], "walk": walk})) == 1
     groups = sorted(sorted(group) for _, group in bench.capture_groups(methods))
     assert groups == [["affinity", "separate"], *([n] for n in sorted(names[2:]))]
-    for bad in ("separate+concept_blocks=x", "separate+map_kind=pixels", "nope"):
+    for bad in (
+        "separate+concept_blocks=x",
+        "separate+affinity_power=1.2",
+        "separate+map_kind=x",
+        "nope",
+    ):
         with pytest.raises(SystemExit, match=re.escape(bad)):
             bench.method_variant(bad, bench.MULTI_METHODS, "--m")
