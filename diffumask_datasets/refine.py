@@ -273,7 +273,9 @@ def normalise_minmax(maps: Array) -> torch.Tensor:
     maps level to 1e-7..1e-4 of their peak, and stretching that to [0, 1] would cut masks
     out of the kernels' rounding, which changes with the batch. The shapes model's walked
     maps mostly span 0.4% to 5% of their peak; the flatter ones (some given images') cut
-    that way had taken pixels from the object's class (BENCHMARKS.md, labelling)."""
+    that way had taken pixels from the object's class (BENCHMARKS.md, labelling). On the
+    MMDiT shapes model a fifth to a third of single-object images walk flatter than FLAT
+    and get no object; cutting them anyway measured worse (docs/lab/shapes-training.md)."""
     maps = as_tensor(maps)
     low = maps.amin(dim=(-2, -1), keepdim=True)
     high = maps.amax(dim=(-2, -1), keepdim=True)
