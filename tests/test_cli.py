@@ -101,6 +101,15 @@ def test_help_lists_every_verb_with_examples():
         assert sub.exit_code == 0 and "Examples:" in sub.output, verb
 
 
+def test_model_help_names_every_builtin():
+    from diffumask_datasets.models import BUILTINS
+
+    for verb in ("generate", "label"):
+        option = next(p for p in main.commands[verb].params if p.name == "model")
+        for name in BUILTINS:
+            assert f"{name} " in option.help or f"{name}." in option.help, (verb, name)
+
+
 def test_generate_has_exactly_the_documented_flags():
     flags = {opt for p in main.commands["generate"].params for opt in p.opts if opt[0] == "-"}
     assert flags == {

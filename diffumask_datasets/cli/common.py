@@ -14,8 +14,10 @@ from typing import Any
 import click
 
 from ..errors import DiffuMaskError, one_line
+from ..models import BUILTINS
 
 PROG = "diffumask"
+MODEL_HELP = "Hub id, local diffusers folder or " + " | ".join(BUILTINS) + "."
 
 
 def fail(message: object, code: int = 1) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from .common import (
+    MODEL_HELP,
     PROG,
     at_least_one,
     check_classes,
@@ -71,9 +72,7 @@ def _check_gpus(ctx: click.Context, param: click.Parameter, value: float | None)
 @click.argument("dataset")
 @click.option(
     "--model",
-    help="Hub id, local diffusers folder or builtin:tiny-random | builtin:tiny-random-xl | "
-    "builtin:tiny-random-sd3 | builtin:tiny-random-flux | builtin:shapes. Default: the "
-    "definition's.",
+    help=f"{MODEL_HELP} Default: the definition's.",
 )
 @click.option(
     "--classes",

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .common import PROG, at_least_one, check_classes, check_output_dir
+from .common import MODEL_HELP, PROG, at_least_one, check_classes, check_output_dir
 
 LABEL_EPILOG = f"""\b
 Examples (the shapes world, offline):
@@ -56,8 +56,7 @@ def _check_strength(ctx: click.Context, param: click.Parameter, value: float | N
 @click.option(
     "--model",
     required=True,
-    help="Hub id, local diffusers folder or builtin:tiny-random | builtin:tiny-random-xl | "
-    "builtin:tiny-random-sd3 | builtin:tiny-random-flux | builtin:shapes.",
+    help=MODEL_HELP,
 )
 @click.option(
     "--definition", help="Take the class ids and refinement of this definition (voc, shapes)."
