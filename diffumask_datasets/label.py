@@ -138,10 +138,13 @@ def working_size(size: tuple[int, int], step: int, resolution: int | None) -> tu
 def image_pipeline(pipe):
     """The image-to-image pipeline of `pipe`'s family (SD 1.x/2.x, SDXL, SD3, FLUX.1),
     sharing its components: nothing is loaded or copied."""
-    from diffusers import AutoPipelineForImage2Image
+    from .models import quiet_libraries
 
     try:
-        image_pipe = AutoPipelineForImage2Image.from_pipe(pipe)
+        with quiet_libraries():  # its first import brings pipelines that advise torchvision
+            from diffusers import AutoPipelineForImage2Image
+
+            image_pipe = AutoPipelineForImage2Image.from_pipe(pipe)
     except (ValueError, TypeError, KeyError) as err:
         raise DiffuMaskError(
             f"{type(pipe).__name__} has no image-to-image counterpart in diffusers "

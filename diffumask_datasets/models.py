@@ -310,10 +310,10 @@ def _tiny_flux():
 
 
 @contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """diffusers' and transformers' loading bars and advice (install accelerate,
-    torchvision, ...) are noise for the small models shipped with the package; errors
-    still show."""
+    torchvision, ...) are noise for the small models shipped with the package, and where
+    nothing is loaded (a pipeline's image-to-image counterpart); errors still show."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -366,7 +366,7 @@ BUILTINS: dict[str, Callable[[], Any]] = {
 def _make_builtin(name: str):
     # quiet from the first import of diffusers' pipelines (transformers' notices about
     # torchvision) to the last weight loaded
-    with _quiet_libraries():
+    with quiet_libraries():
         return BUILTINS[name]()
 
 

@@ -151,3 +151,26 @@ def test_a_file_that_is_not_an_image_is_named(tiny, tmp_path):
     bad.write_text("not an image")
     with pytest.raises(DiffuMaskError, match=r"'.*notes.jpg' cannot be read as an image"):
         tiny.label([noise_image(0), bad], classes=["dog"], **SMALL)
+
+
+def test_labelling_prints_no_library_advice():
+    """The image-to-image pipeline's first import makes transformers advise installing
+    torchvision; a user labelling images should see none of it."""
+    import subprocess
+    import sys
+
+    from test_cli import subprocess_env
+
+    code = (
+        "import numpy as np\n"
+        "from PIL import Image\n"
+        "from diffumask_datasets import DiffuMask\n"
+        "image = Image.fromarray(np.zeros((64, 64, 3), np.uint8))\n"
+        "DiffuMask('builtin:shapes').label([image], classes=['circle'],"
+        " num_inference_steps=2, strength=1.0, start='noise', progress=False)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
+    )
+    assert out.returncode == 0, out.stderr
+    assert "torchvision" not in out.stderr and "[transformers]" not in out.stderr, out.stderr
