@@ -26,12 +26,14 @@ kind and share the agreement of each (bad) mask with that re-labelling is scored
 and combined with consistency (their rank average), with pruned@0.7/0.5, Spearman and,
 for the 25% stores, the synthetic-to-real result after keeping the top 70% by each.
 
-With --natural N, the errors no one put there: N images `builtin:shapes` generated from
-prompts naming 2 and 3 shapes (the shapes benchmark's (c) prompts), masks by the shapes
-definition's refinement, each drawn object named by (c)'s shape classifier as its
-reference. `clean` runs on that store with its defaults (it re-labels: the samples name
-their model), and each score's Spearman with the sample's true object IoU is reported,
-with the mean true IoU of the samples each score keeps at 0.7 against all of them.
+With --natural N, the errors no one put there: N images `builtin:shapes` (or
+--natural-model) generated from prompts naming 2 and 3 shapes (or --natural-counts; the
+shapes benchmark's (c) prompts), masks by the shapes definition's refinement, each drawn
+object named by (c)'s shape classifier as its reference. `clean` runs on that store with
+its defaults (it re-labels: the samples name their model), and each score's Spearman with
+the sample's true object IoU is reported, with the mean true IoU of the samples each score
+alone would keep at 0.7 against all of them, and of the samples `clean` kept (the ranking
+after its rules: a mask showing no object is never kept).
 
 Each result is saved to --work/noise.json as soon as it is done (a restart resumes; the
 key names the clean settings, so runs with other settings add rows beside them).
@@ -41,6 +43,8 @@ key names the clean settings, so runs with other settings add rows beside them).
         --segmenter builtin:fcn --train-steps 600 --size 64            # one setting
     python benchmarks/noise.py --work runs/noise --relabel builtin:shapes  # + agreement
     python benchmarks/noise.py --work runs/noise --natural 256 --kinds none  # natural errors
+    python benchmarks/noise.py --work runs/noise --natural 192 --kinds none \
+        --natural-model builtin:shapes-mmdit --natural-counts 1,2,3   # another model's
     python benchmarks/noise.py --work runs/noise --report-only --json out.json
 """
 
@@ -145,6 +149,10 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--natural", type=int, default=0, help="N generated multi-object images (0: none)"
+    )
+    parser.add_argument("--natural-model", default="builtin:shapes", help="their generator")
+    parser.add_argument(
+        "--natural-counts", default="2,3", help="objects per prompt, shared out in turn"
     )
     args = parser.parse_args(argv)
 
@@ -304,12 +312,17 @@ def natural_store(args):
     from diffumask_datasets.store import MANIFEST, Record, make_manifest, open_store, write_store
 
     n, seed = args.natural, args.seed + 5
-    path = args.work / f"natural-{n}-seed{seed}"
+    path = args.work / f"natural-{n}-seed{seed}{natural_variant(args)}"
     if not (path / MANIFEST).is_file():
         definition = load_definition("shapes")
-        prompts = multi_object_prompts(n // 2, 2, seed) + multi_object_prompts(n - n // 2, 3, seed)
+        counts = [int(c) for c in args.natural_counts.split(",")]
+        prompts = [
+            prompt
+            for i, objects in enumerate(counts)
+            for prompt in multi_object_prompts(len(range(i, n, len(counts))), objects, seed)
+        ]
         began = time.time()
-        samples = DiffuMask("builtin:shapes")(
+        samples = DiffuMask(args.natural_model)(
             [p for p, _ in prompts],
             classes=[shapes for _, shapes in prompts],
             seed=seed,
@@ -320,7 +333,7 @@ def natural_store(args):
             batch_size=16,
         )
         print(f"generated {n} multi-object samples ({time.time() - began:.0f} s)", flush=True)
-        config = {"natural": n, "seed": seed, "model": "builtin:shapes"}
+        config = {"natural": n, "seed": seed, "model": args.natural_model, "counts": counts}
         manifest = make_manifest(definition, config, json.dumps(config), n, 64, 16)
         write_store(path, [Record.from_sample(i, s, 16) for i, s in enumerate(samples)], manifest)
     store = open_store(path)
@@ -331,12 +344,25 @@ def natural_store(args):
     return store, references
 
 
+def natural_variant(args) -> str:
+    """What names a --natural run other than the first one's (builtin:shapes, 2 and 3
+    objects) in its folder and its row key: '' for that one."""
+    model = args.natural_model.removeprefix("builtin:").replace("/", "_")
+    parts = ([] if model == "shapes" else [model]) + (
+        [] if args.natural_counts == "2,3" else [f"objects{args.natural_counts.replace(',', '')}"]
+    )
+    return "".join(f"-{p}" for p in parts)
+
+
 def natural_row(args, rows, settings) -> None:
     """Clean (defaults) on --natural generated samples; each score against true object IoU."""
     from diffumask_datasets.quality import clean_store
     from diffumask_datasets.quality.metrics import IGNORE, sample_iou
 
-    key = f"natural/{args.natural}/{settings.segmenter}-{settings.size}px-{settings.steps}"
+    key = (
+        f"natural/{args.natural}{natural_variant(args)}/"
+        f"{settings.segmenter}-{settings.size}px-{settings.steps}"
+    )
     if key in rows or args.report_only:
         return
     store, references = natural_store(args)
@@ -363,6 +389,13 @@ def natural_row(args, rows, settings) -> None:
     scores["quality"] = np.array([r.quality for r in records])
     result = {"samples": len(records), "scored": int(scored.sum()), "seconds": round(seconds, 1)}
     result["mean_true_iou"] = float(truth[scored].mean())
+    kept = np.isin([r.index for r in records], summary["kept_indices"])
+    result["clean"] = {
+        "kept": int(kept.sum()),
+        "empty_rejected": summary["empty_rejected"],
+        "kept_true_iou": float(truth[scored & kept].mean()),
+        "dropped_true_iou": float(truth[scored & ~kept].mean()),
+    }
     for name, score in scores.items():
         kept = np.zeros(len(records), bool)
         kept[np.argsort(-score, kind="stable")[: int(round(0.7 * len(records)))]] = True
@@ -381,6 +414,11 @@ def natural_row(args, rows, settings) -> None:
             f"| {name} | {r['spearman']:.3f} | {r['kept_true_iou']:.3f} "
             f"| {r['dropped_true_iou']:.3f} |"
         )
+    c = result["clean"]
+    print(
+        f"| clean's kept {c['kept']} ({c['empty_rejected']} masks with no object never kept) "
+        f"| - | {c['kept_true_iou']:.3f} | {c['dropped_true_iou']:.3f} |"
+    )
 
 
 def relabelled(args, truth, records) -> list[np.ndarray]:

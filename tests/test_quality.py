@@ -258,6 +258,24 @@ def test_clean_drops_samples_outside_their_class_prior(tmp_path):
     assert "kept 6 of 6" in result.stdout
 
 
+def test_clean_never_keeps_a_mask_that_shows_no_object(tmp_path):
+    records = list(sw.scene_records(6, 0, max_objects=2))
+    for record in records[::2]:  # its prompt names objects, its mask shows none
+        record.mask = np.zeros_like(record.mask)
+    manifest = make_manifest(load_definition("shapes"), {"source": "test"}, "test", 6, 8, 8)
+    store = write_store(tmp_path / "s", records, manifest)
+    result = invoke(
+        "clean", str(store.path), "--folds", "2", "--keep", "1", "--to", str(tmp_path / "C"),
+        *FAST_FLAGS,
+    )  # fmt: skip
+    assert "kept 3 of 6 samples" in result.stdout and "3 with no object" in result.stdout
+    cleaned = open_store(tmp_path / "C")
+    assert sorted(r.prompt for r in cleaned.records()) == sorted(r.prompt for r in records[1::2])
+    assert cleaned.manifest["clean"]["empty_rejected"] == 3
+    assert cleaned.manifest["clean"]["kept_indices"] == [1, 3, 5]
+    assert all(((r.mask != 0) & (r.mask != 255)).any() for r in cleaned.records())
+
+
 @pytest.mark.parametrize("keep", ["0", "1.5", "-0.2"])
 def test_clean_refuses_keep_outside_0_1(store, tmp_path, keep):
     result = invoke("clean", str(store), "--keep", keep, "--to", str(tmp_path / "C"))

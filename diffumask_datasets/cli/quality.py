@@ -133,7 +133,8 @@ Examples:
   {PROG} clean out/shapes --to out/shapes-clean --no-relabel   # noise learning alone
   {PROG} app out/shapes-clean
 
-Each kept sample's meta holds its consistency, its agreement with a re-labelling of its
+A mask that shows no object is never kept, however it ranks (a re-labelling that finds
+no object either agrees with it perfectly). Each kept sample's meta holds its consistency, its agreement with a re-labelling of its
 image by the model that made it (when re-labelled) and its combined score (the rank
 average of consistency and agreement; without a re-labelling, of consistency and the
 attention's quality); the new manifest's "clean" entry holds the
@@ -209,7 +210,8 @@ def clean(
     )
     click.echo(
         f"kept {summary['kept']} of {summary['samples']} samples in {dest} "
-        f"({summary['prior_rejected']} outside their class prior)"
+        f"({summary['empty_rejected']} with no object, {summary['prior_rejected']} outside "
+        "their class prior)"
     )
 
 

@@ -5,8 +5,9 @@ samples are split into K seeded folds; a segmenter trained on the other K-1 fold
 each held-out fold, and each sample's `consistency` is the mean IoU between its mask and
 that prediction over background and the classes of its prompt (pixels its mask ignores are
 left out). A mask that disagrees with what the rest of the data teaches is likely wrong.
-`clean_store` keeps the top fraction by consistency, after the definition's per-class
-priors (e.g. `prior: {area: [0.05, 0.5]}`) have ruled out masks of implausible size.
+`clean_store` keeps the top fraction by its ranking score, after ruling out masks that show
+no object and those the definition's per-class priors (e.g. `prior: {area: [0.05, 0.5]}`)
+find of implausible size.
 
 Scores a cleaned sample carries: `consistency` (above), the attention's own `quality`
 (from generation; blind to a mask that went wrong after the attention, e.g. one swapped or
@@ -296,9 +297,15 @@ def write_held_out(
         Image.fromarray(np.asarray(prediction, np.uint8), mode="L").save(path, compress_level=1)
 
 
+def shows_object(mask: np.ndarray) -> bool:
+    """Whether a mask labels any pixel as an object (neither background nor ignored)."""
+    mask = np.asarray(mask)
+    return bool(((mask != 0) & (mask != IGNORE)).any())
+
+
 def check_has_objects(masks: Sequence[np.ndarray], source: str) -> None:
     """Refuse a dataset none of whose masks shows an object: nothing to learn from."""
-    if not any(bool(((m != 0) & (m != IGNORE)).any()) for m in masks):
+    if not any(shows_object(m) for m in masks):
         raise DiffuMaskError(
             f"{source!r} has no masks to clean: every mask is background or ignore; "
             "clean a dataset made by `diffumask generate` (or check its refinement)"
@@ -380,9 +387,16 @@ def clean_store(
     second = agreement if relabel else np.array([r.quality for r in records])
     combined = combine_scores([consistency, second])
     scores = {"consistency": consistency, "combined": combined, "agreement": agreement}[rank_by]
+    # an empty mask is never kept, however it ranks: its prompt asked for an object, and a
+    # re-labelling that finds none either "agrees" with it perfectly
+    empty = np.array([not shows_object(m) for m in masks])
     priors = store.definition.priors if use_priors else {}
-    violations = [prior_violation(r.mask, r.classes, class_ids, priors) for r in records]
-    kept = choose_kept(scores, np.array([v is None for v in violations]), keep)
+    violations = [
+        None if e else prior_violation(r.mask, r.classes, class_ids, priors)
+        for r, e in zip(records, empty, strict=True)
+    ]
+    allowed = ~empty & np.array([v is None for v in violations])
+    kept = choose_kept(scores, allowed, keep)
     summary = {
         "source": str(Path(store.path).resolve()),
         "folds": folds,
@@ -391,6 +405,8 @@ def clean_store(
         "segmenter": settings.to_dict(),
         "samples": len(records),
         "kept": len(kept),
+        "kept_indices": [records[i].index for i in kept],  # the source's, in the new order
+        "empty_rejected": int(empty.sum()),
         "prior_rejected": sum(v is not None for v in violations),
         "rank_by": rank_by,
         "consistency": {
