@@ -134,13 +134,14 @@ Examples:
   {PROG} app out/shapes-clean
 
 A mask that shows no object is never kept, however it ranks (a re-labelling that finds
-no object either agrees with it perfectly). Each kept sample's meta holds its consistency, its agreement with a re-labelling of its
-image by the model that made it (when re-labelled) and its combined score (the rank
-average of consistency and agreement; without a re-labelling, of consistency and the
-attention's quality); the new manifest's "clean" entry holds the
-settings and every sample's scores. Each kept sample's held-out prediction is saved in
-held_out/; `{PROG} app` shows it beside the mask, evaluated by FiftyOne (sort by
-held_out_accuracy). The source dataset is not changed.
+no object either agrees with it perfectly), nor does it teach the segmenters. Each kept
+sample's meta holds its consistency, its agreement with a re-labelling of its image by
+the model that made it (when re-labelled) and its combined score (the rank average of
+consistency and agreement; without a re-labelling, of consistency and the attention's
+quality); the new manifest's "clean" entry holds the settings and every sample's scores.
+Each kept sample's held-out prediction is saved in held_out/; `{PROG} app` shows it
+beside the mask, evaluated by FiftyOne (sort by held_out_accuracy). The source dataset
+is not changed.
 """
 
 
