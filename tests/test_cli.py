@@ -55,6 +55,13 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (first imports, process-wide state), on the tree under test."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
+    )
+
+
 def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*diffumask_command(), *args],
@@ -142,9 +149,7 @@ def test_version_and_help_do_not_import_torch():
         "heavy = {'torch', 'diffusers', 'transformers', 'datasets', 'fiftyone'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
-    )
+    out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert "0.1" in out.stdout  # the version line

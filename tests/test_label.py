@@ -156,10 +156,7 @@ def test_a_file_that_is_not_an_image_is_named(tiny, tmp_path):
 def test_labelling_prints_no_library_advice():
     """The image-to-image pipeline's first import makes transformers advise installing
     torchvision; a user labelling images should see none of it."""
-    import subprocess
-    import sys
-
-    from test_cli import subprocess_env
+    from test_cli import run_python
 
     code = (
         "import numpy as np\n"
@@ -169,8 +166,6 @@ def test_labelling_prints_no_library_advice():
         "DiffuMask('builtin:shapes').label([image], classes=['circle'],"
         " num_inference_steps=2, strength=1.0, start='noise', progress=False)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
-    )
+    out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert "torchvision" not in out.stderr and "[transformers]" not in out.stderr, out.stderr
