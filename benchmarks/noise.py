@@ -390,12 +390,12 @@ def natural_row(args, rows, settings) -> None:
     scores["quality"] = np.array([r.quality for r in records])
     result = {"samples": len(records), "scored": int(scored.sum()), "seconds": round(seconds, 1)}
     result["mean_true_iou"] = float(truth[scored].mean())
-    kept = np.isin([r.index for r in records], summary["kept_indices"])
+    cleaned_kept = np.isin([r.index for r in records], summary["kept_indices"])
     result["clean"] = {
-        "kept": int(kept.sum()),
+        "kept": int(cleaned_kept.sum()),
         "empty_rejected": summary["empty_rejected"],
-        "kept_true_iou": float(truth[scored & kept].mean()),
-        "dropped_true_iou": float(truth[scored & ~kept].mean()),
+        "kept_true_iou": float(truth[scored & cleaned_kept].mean()),
+        "dropped_true_iou": float(truth[scored & ~cleaned_kept].mean()),
     }
     shown = np.array([shows_object(r.mask) for r in records])
     for name, score in scores.items():

@@ -309,9 +309,10 @@ def shows_object(mask: np.ndarray) -> bool:
     return bool(((mask != 0) & (mask != IGNORE)).any())
 
 
-def check_has_objects(masks: Sequence[np.ndarray], source: str) -> None:
-    """Refuse a dataset none of whose masks shows an object: nothing to learn from."""
-    if not any(shows_object(m) for m in masks):
+def check_has_objects(empty: np.ndarray, source: str) -> None:
+    """Refuse a dataset none of whose masks shows an object (`empty`: each mask's flag):
+    nothing to learn from."""
+    if empty.all():
         raise DiffuMaskError(
             f"{source!r} has no masks to clean: every mask is background or ignore; "
             "clean a dataset made by `diffumask generate` (or check its refinement)"
@@ -354,12 +355,12 @@ def clean_store(
     check_destination(Path(dest), False, Path(store.path))
     records = list(progress_bar(store.records(), total=len(store), desc="read", enabled=progress))
     masks = [r.mask for r in records]
-    check_has_objects(masks, str(store.path))
     # An empty mask is never kept, however it ranks: its prompt asked for an object, and a
     # re-labelling that finds none "agrees" with it perfectly. Nor does it teach the
     # segmenters: where many are empty they learn to find little, and the masks that show
     # least agree best (the noise benchmark's natural rows, a model with 58 of 192 empty).
     empty = np.array([not shows_object(m) for m in masks])
+    check_has_objects(empty, str(store.path))
     class_ids = store.definition.class_ids
     classes = [[class_ids[c] for c in r.classes] for r in records]
     agreement, model = None, relabel_model or generating_model(records)  # None: not known
