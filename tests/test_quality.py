@@ -258,21 +258,27 @@ def test_clean_drops_samples_outside_their_class_prior(tmp_path):
     assert "kept 6 of 6" in result.stdout
 
 
-def test_clean_never_keeps_nor_learns_from_a_mask_that_shows_no_object(tmp_path, monkeypatch):
+@pytest.fixture
+def trainings(monkeypatch) -> list[list[np.ndarray]]:
+    """The masks each of clean's segmenter trainings learns from, in order."""
     from diffumask_datasets.quality import clean
 
+    seen, train = [], clean.train_segmenter
+
+    def spy(images, masks, *args, **kwargs):
+        seen.append(list(masks))
+        return train(images, masks, *args, **kwargs)
+
+    monkeypatch.setattr(clean, "train_segmenter", spy)
+    return seen
+
+
+def test_clean_never_keeps_nor_learns_from_a_mask_that_shows_no_object(tmp_path, trainings):
     records = list(sw.scene_records(6, 0, max_objects=2))
     for record in records[::2]:  # its prompt names objects, its mask shows none
         record.mask = np.zeros_like(record.mask)
     manifest = make_manifest(load_definition("shapes"), {"source": "test"}, "test", 6, 8, 8)
     store = write_store(tmp_path / "s", records, manifest)
-    taught, clean_segmenter = [], clean.train_segmenter
-
-    def spy(images, masks, *args, **kwargs):
-        taught.extend(masks)
-        return clean_segmenter(images, masks, *args, **kwargs)
-
-    monkeypatch.setattr(clean, "train_segmenter", spy)
     result = invoke(
         "clean", str(store.path), "--folds", "2", "--keep", "1", "--to", str(tmp_path / "C"),
         *FAST_FLAGS,
@@ -284,24 +290,17 @@ def test_clean_never_keeps_nor_learns_from_a_mask_that_shows_no_object(tmp_path,
     assert cleaned.manifest["clean"]["kept_indices"] == [1, 3, 5]
     assert all(((r.mask != 0) & (r.mask != 255)).any() for r in cleaned.records())
     # each of the 2 folds learnt from the other fold's samples that show an object
+    taught = [mask for training in trainings for mask in training]
     assert len(taught) == 3 and all((m != 0).any() for m in taught)
 
 
-def test_a_fold_with_no_teaching_samples_beside_it_learns_from_them_all(monkeypatch):
+def test_a_fold_with_no_teaching_samples_beside_it_learns_from_them_all(trainings):
     from diffumask_datasets.quality import clean
 
     records = list(sw.scene_records(6, 0, max_objects=2))
     assignment = fold_of(6, 2, FAST.seed)
     # two of fold 0's samples teach fold 1's segmenter; none is beside fold 0
     teaches = (assignment == 0) & (np.cumsum(assignment == 0) <= 2)
-    taught = []
-
-    def spy(images, masks, *args, **kwargs):
-        taught.append(len(masks))
-        return clean_segmenter(images, masks, *args, **kwargs)
-
-    clean_segmenter = clean.train_segmenter
-    monkeypatch.setattr(clean, "train_segmenter", spy)
     predictions = clean.held_out_predictions(
         [r.image for r in records],
         [r.mask for r in records],
@@ -312,7 +311,7 @@ def test_a_fold_with_no_teaching_samples_beside_it_learns_from_them_all(monkeypa
         progress=False,
         teaches=teaches,
     )
-    assert len(predictions) == 6 and sorted(taught) == [2, 3]
+    assert len(predictions) == 6 and sorted(len(t) for t in trainings) == [2, 3]
 
 
 @pytest.mark.parametrize("keep", ["0", "1.5", "-0.2"])
